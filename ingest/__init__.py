@@ -1,0 +1,1 @@
+"""Ingestion: loaders, chunking, manifest and the incremental pipeline (``python -m ingest``)."""

@@ -1,0 +1,159 @@
+"""The ingest manifest: what is in the index, keyed by content hashes, in one SQLite file.
+
+- ``files``: each ingested file's sha256, so an unchanged file costs one hash and nothing else.
+  A file is recorded only when all of its documents landed without error, so a file with a bad
+  record is looked at (and reported) again on the next run.
+- ``docs``: each document (a file, or one record of a ``.jsonl`` corpus) with its hash.
+- ``chunks``: the chunks that make up each document, with their stemmed terms: the source of
+  truth for the vector store's ids and the input to the BM25 index.
+- ``meta``: the ``dirty`` flag, set while a run mutates the index. A run that finds it set (a
+  crash, Ctrl-C) reconciles the vector store with this manifest before doing anything else.
+
+Write order that keeps it consistent: vectors are upserted before the manifest commits them, and
+old vectors are deleted only after the manifest forgot them; whatever a crash leaves in the
+vector store that the manifest does not list is deleted by the next run.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS docs (
+    doc_key TEXT PRIMARY KEY, path TEXT NOT NULL, doc_id TEXT NOT NULL, sha256 TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS docs_path ON docs(path);
+CREATE TABLE IF NOT EXISTS chunks (
+    id TEXT PRIMARY KEY, doc_key TEXT NOT NULL, position INTEGER NOT NULL, terms TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_key);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    id: str
+    position: int
+    terms: str
+
+
+class Manifest:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # one writer at a time is guaranteed by the ingest lock; readers may be other processes
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- files ---
+    def file_hash(self, path: str) -> str | None:
+        row = self.db.execute("SELECT sha256 FROM files WHERE path=?", (path,)).fetchone()
+        return row[0] if row else None
+
+    def file_paths(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT path FROM files UNION SELECT path FROM docs")]
+
+    # --- docs ---
+    def docs_of(self, path: str) -> dict[str, str]:
+        """doc_key -> sha256 for every document of a file."""
+        return dict(self.db.execute("SELECT doc_key, sha256 FROM docs WHERE path=?", (path,)))
+
+    def chunks_of(self, doc_key: str) -> dict[str, ChunkRow]:
+        rows = self.db.execute("SELECT id, position, terms FROM chunks WHERE doc_key=?", (doc_key,))
+        return {r[0]: ChunkRow(*r) for r in rows}
+
+    def chunk_ids_of_path(self, path: str) -> list[str]:
+        rows = self.db.execute(
+            "SELECT c.id FROM chunks c JOIN docs d ON c.doc_key=d.doc_key WHERE d.path=?", (path,)
+        )
+        return [r[0] for r in rows]
+
+    def all_chunk_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT id FROM chunks")}
+
+    def iter_terms(self) -> Iterator[tuple[str, str]]:
+        yield from self.db.execute("SELECT id, terms FROM chunks ORDER BY id")
+
+    def counts(self) -> tuple[int, int, int]:
+        files = self.db.execute("SELECT COUNT(DISTINCT path) FROM docs").fetchone()[0]
+        docs = self.db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
+        chunks = self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        return int(files), int(docs), int(chunks)
+
+    # --- writes: each call is one transaction ---
+    def commit_docs(
+        self,
+        docs: Iterable[tuple[str, str, str, str, list[ChunkRow]]],
+        files: Iterable[tuple[str, str, int, int]] = (),
+        removed_docs: Iterable[str] = (),
+        removed_files: Iterable[str] = (),
+    ) -> None:
+        """Replace documents (doc_key, path, doc_id, sha256, chunks) and record finished files."""
+        with self._txn():
+            for doc_key, path, doc_id, sha, rows in docs:
+                self.db.execute("DELETE FROM chunks WHERE doc_key=?", (doc_key,))
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO chunks(id, doc_key, position, terms) VALUES (?,?,?,?)",
+                    [(r.id, doc_key, r.position, r.terms) for r in rows],
+                )
+                self.db.execute(
+                    "INSERT OR REPLACE INTO docs(doc_key, path, doc_id, sha256) VALUES (?,?,?,?)",
+                    (doc_key, path, doc_id, sha),
+                )
+            for doc_key in removed_docs:
+                self.db.execute("DELETE FROM chunks WHERE doc_key=?", (doc_key,))
+                self.db.execute("DELETE FROM docs WHERE doc_key=?", (doc_key,))
+            for path in removed_files:
+                self.db.execute(
+                    "DELETE FROM chunks WHERE doc_key IN (SELECT doc_key FROM docs WHERE path=?)",
+                    (path,),
+                )
+                self.db.execute("DELETE FROM docs WHERE path=?", (path,))
+                self.db.execute("DELETE FROM files WHERE path=?", (path,))
+            self.db.executemany(
+                "INSERT OR REPLACE INTO files(path, sha256, size, mtime_ns) VALUES (?,?,?,?)",
+                list(files),
+            )
+
+    def forget_file_hash(self, path: str) -> None:
+        with self._txn():
+            self.db.execute("DELETE FROM files WHERE path=?", (path,))
+
+    # --- meta ---
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self._txn():
+            if value is None:
+                self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+            else:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?,?)", (key, value)
+                )
+
+    def _txn(self) -> _Txn:
+        return _Txn(self.db)
+
+
+class _Txn:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,1 @@
+"""Embedder, Chroma vector store, BM25 keyword index and the retriever that fuses them."""

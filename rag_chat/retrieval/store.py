@@ -1,0 +1,143 @@
+"""The Chroma vector store: embedded ``PersistentClient`` by default, ``HttpClient`` for a server.
+
+Chroma is always handed our own embeddings (its default embedding function would download a
+model) and its telemetry is off. A collection records the embedding model it was built with;
+opening it with another model is refused, since mixing vector spaces silently ruins retrieval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+Metadata = dict[str, str | int | float | bool]
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    text: str
+    metadata: Metadata
+
+
+def make_client(data_dir: Path, chroma_url: str | None = None) -> Any:
+    import chromadb
+    from chromadb.config import Settings as ChromaSettings
+
+    chroma_settings = ChromaSettings(anonymized_telemetry=False, allow_reset=True)
+    if chroma_url:
+        url = urlparse(chroma_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise StoreError(f"RAG_CHROMA_URL must look like http://host:port, not {chroma_url!r}")
+        return chromadb.HttpClient(
+            host=url.hostname,
+            port=url.port or (443 if url.scheme == "https" else 8000),
+            ssl=url.scheme == "https",
+            settings=chroma_settings,
+        )
+    path = data_dir / "chroma"
+    path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(path), settings=chroma_settings)
+
+
+class VectorStore:
+    def __init__(self, client: Any, collection: str, model_name: str) -> None:
+        self.client = client
+        self.name = collection
+        self.model_name = model_name
+        self.collection = client.get_or_create_collection(
+            name=collection,
+            metadata={"hnsw:space": "cosine", "embedding_model": model_name},
+            embedding_function=None,
+        )
+        stored = (self.collection.metadata or {}).get("embedding_model")
+        if stored and stored != model_name:
+            raise StoreError(
+                f"collection {collection!r} was built with the embedding model {stored!r}, "
+                f"not {model_name!r}: ingest with --reset, or use another --collection"
+            )
+        self._max_batch = (
+            int(client.get_max_batch_size()) if hasattr(client, "get_max_batch_size") else 5000
+        )
+
+    def count(self) -> int:
+        return int(self.collection.count())
+
+    def upsert(
+        self,
+        ids: Sequence[str],
+        embeddings: npt.NDArray[np.float32],
+        documents: Sequence[str],
+        metadatas: Sequence[Metadata],
+    ) -> None:
+        for i in range(0, len(ids), self._max_batch):
+            j = i + self._max_batch
+            self.collection.upsert(
+                ids=list(ids[i:j]),
+                embeddings=embeddings[i:j],
+                documents=list(documents[i:j]),
+                metadatas=list(metadatas[i:j]),
+            )
+
+    def update_metadata(self, ids: Sequence[str], metadatas: Sequence[Metadata]) -> None:
+        for i in range(0, len(ids), self._max_batch):
+            j = i + self._max_batch
+            self.collection.update(ids=list(ids[i:j]), metadatas=list(metadatas[i:j]))
+
+    def delete(self, ids: Sequence[str]) -> None:
+        for i in range(0, len(ids), self._max_batch):
+            self.collection.delete(ids=list(ids[i : i + self._max_batch]))
+
+    def all_ids(self) -> set[str]:
+        ids: set[str] = set()
+        offset = 0
+        while True:
+            page = self.collection.get(include=[], limit=self._max_batch, offset=offset)
+            ids.update(page["ids"])
+            if len(page["ids"]) < self._max_batch:
+                return ids
+            offset += self._max_batch
+
+    def get(self, ids: Sequence[str]) -> dict[str, tuple[str, Metadata]]:
+        if not ids:
+            return {}
+        res = self.collection.get(ids=list(ids), include=["documents", "metadatas"])
+        return {
+            cid: (doc or "", dict(meta or {}))
+            for cid, doc, meta in zip(res["ids"], res["documents"], res["metadatas"], strict=True)
+        }
+
+    def query(self, embedding: npt.NDArray[np.float32], k: int) -> list[Hit]:
+        n = self.count()
+        if n == 0:
+            return []
+        res = self.collection.query(
+            query_embeddings=[embedding],
+            n_results=min(k, n),
+            include=["documents", "metadatas", "distances"],
+        )
+        return [
+            Hit(cid, 1.0 - float(dist), doc or "", dict(meta or {}))
+            for cid, doc, meta, dist in zip(
+                res["ids"][0],
+                res["documents"][0],
+                res["metadatas"][0],
+                res["distances"][0],
+                strict=True,
+            )
+        ]
+
+    def drop(self) -> None:
+        self.client.delete_collection(self.name)

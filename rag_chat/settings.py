@@ -1,0 +1,69 @@
+"""Settings, read from the environment (prefix ``RAG_``) and an optional ``.env`` file.
+
+Nothing reads settings at import time: callers use :func:`get_settings` (cached) or build a
+:class:`Settings` explicitly, which is what the tests do.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("data/.rag")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RAG_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # local state: Chroma files, the keyword index, the ingest manifest
+    data_dir: Path = DEFAULT_DATA_DIR
+    collection: str = "docs"
+    # a Chroma server (``chroma run``); unset means the embedded PersistentClient under data_dir
+    chroma_url: str | None = None
+
+    # embeddings: a sentence-transformers model path; unset means the packaged all-MiniLM-L6-v2
+    embedding_model: str | None = None
+    embedding_batch_size: int = Field(default=64, ge=1, le=4096)
+    # chunk size in tokens of the embedding model's tokenizer, special tokens and the
+    # title/heading context included; never more than the model's window
+    chunk_tokens: int = Field(default=256, ge=32, le=8192)
+    chunk_overlap: int = Field(default=32, ge=0, le=1024)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None
+    llm_model: str | None = None
+    llm_model_path: str | None = None
+
+    top_k: int = Field(default=5, ge=1, le=100)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    jwt_secret: str | None = None
+
+    def collection_dir(self, collection: str | None = None) -> Path:
+        """Where a collection's manifest and keyword index live."""
+        return self.data_dir / "collections" / (collection or self.collection)
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, value: str) -> str:
+        # Chroma's rule: 3-512 characters of [a-zA-Z0-9._-], starting and ending alphanumeric
+        import re
+
+        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]", value) or ".." in value:
+            raise ValueError(
+                "collection names are 3-512 characters of letters, digits, '.', '_' or '-', "
+                "starting and ending with a letter or digit"
+            )
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

