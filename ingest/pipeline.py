@@ -342,7 +342,7 @@ class Pipeline:
             report.reconciled = self._reconcile(manifest)
 
         writer = _Writer(self, manifest, report)
-        batch = _Batch()
+        batches = _Batcher(self, writer, report)
         changed = dirty
         bar = self._bar(len(files))
         try:
@@ -364,21 +364,17 @@ class Pipeline:
                     manifest.set_meta("dirty", "1")
                     manifest.set_meta("params", self.params)
                     changed = True
-                self._process_file(path, key, shown, st, digest, manifest, batch, report)
+                self._process_file(path, key, shown, st, digest, manifest, batches, report)
                 bar.update(1)
-                if sum(len(w.new) for w in batch.docs) >= FLUSH_CHUNKS:
-                    writer.put(self._embed(batch, report))
-                    batch = _Batch()
             if prune:
                 for gone in self._vanished(manifest, files, scopes):
                     if not changed:
                         manifest.set_meta("dirty", "1")
                         changed = True
-                    batch.stale.extend(manifest.chunk_ids_of_path(gone))
-                    batch.removed_files.append(gone)
+                    batches.current.stale.extend(manifest.chunk_ids_of_path(gone))
+                    batches.current.removed_files.append(gone)
                     report.files_deleted += 1
-            if not batch.empty():
-                writer.put(self._embed(batch, report))
+            batches.flush()
         except KeyboardInterrupt:
             report.interrupted = True
         finally:
@@ -398,7 +394,7 @@ class Pipeline:
         st: os.stat_result,
         digest: str,
         manifest: Manifest,
-        batch: _Batch,
+        batches: _Batcher,
         report: Report,
     ) -> None:
         old_docs = manifest.docs_of(key)
@@ -436,16 +432,17 @@ class Pipeline:
                 kept=[c for c in chunks if c.id in old],
                 stale=[cid for cid in old if cid not in new_ids],
             )
-            batch.docs.append(work)
+            batches.add(work)
             report.docs_changed += 1
         for doc_key in old_docs.keys() - seen:
             touched = True
-            batch.removed_docs.append(doc_key)
-            batch.stale.extend(manifest.chunks_of(doc_key))
+            batches.current.removed_docs.append(doc_key)
+            batches.current.stale.extend(manifest.chunks_of(doc_key))
         if record_errors:
             report.files_failed += 1
         else:
-            batch.files.append((key, digest, st.st_size, st.st_mtime_ns))
+            # the file is recorded with (or after) the batch holding its last document
+            batches.current.files.append((key, digest, st.st_size, st.st_mtime_ns))
             if not old_docs:
                 report.files_added += 1
             elif touched:
@@ -514,6 +511,30 @@ class Pipeline:
             leave=False,
             dynamic_ncols=True,
         )
+
+
+class _Batcher:
+    """Gathers documents into batches of about FLUSH_CHUNKS new chunks, even inside one big
+    file (a 5,000-record corpus commits as it goes), embeds each full batch and queues it."""
+
+    def __init__(self, pipeline: Pipeline, writer: _Writer, report: Report) -> None:
+        self.p = pipeline
+        self.writer = writer
+        self.report = report
+        self.current = _Batch()
+        self.pending = 0
+
+    def add(self, work: _DocWork) -> None:
+        self.current.docs.append(work)
+        self.pending += len(work.new)
+        if self.pending >= FLUSH_CHUNKS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.current.empty():
+            self.writer.put(self.p._embed(self.current, self.report))
+        self.current = _Batch()
+        self.pending = 0
 
 
 class _Writer:

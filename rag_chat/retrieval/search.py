@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rag_chat.retrieval.embedder import Embedder
 from rag_chat.retrieval.keyword import KeywordIndex
@@ -67,9 +67,11 @@ class Retriever:
         vec = self.embedder.encode([query])[0]
         return self.store.query(vec, k)
 
-    def dense_many(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    def dense_many(
+        self, queries: Sequence[str], k: int, where: dict[str, Any] | None = None
+    ) -> list[list[Hit]]:
         vecs = self.embedder.encode(list(queries))
-        return [self.store.query(v, k) for v in vecs]
+        return [self.store.query(v, k, where) for v in vecs]
 
     def keyword(self, query: str, k: int) -> list[Hit]:
         ranked = self.keyword_index().search(query, k)

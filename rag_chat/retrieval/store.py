@@ -119,13 +119,16 @@ class VectorStore:
             for cid, doc, meta in zip(res["ids"], res["documents"], res["metadatas"], strict=True)
         }
 
-    def query(self, embedding: npt.NDArray[np.float32], k: int) -> list[Hit]:
+    def query(
+        self, embedding: npt.NDArray[np.float32], k: int, where: dict[str, Any] | None = None
+    ) -> list[Hit]:
         n = self.count()
         if n == 0:
             return []
         res = self.collection.query(
             query_embeddings=[embedding],
             n_results=min(k, n),
+            where=where,
             include=["documents", "metadatas", "distances"],
         )
         return [
