@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(default=32, ge=0, le=1024)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # conversation memory (rag_chat.memory): the newest memory_max_messages messages of a
+    # conversation are kept; one idle for memory_ttl_seconds (refreshed on each append) expires.
+    # At least 2 so that a question and its answer, appended together, always fit.
+    memory_max_messages: int = Field(default=100, ge=2, le=10_000)
+    memory_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=1, le=10 * 366 * 24 * 3600)
+    # how many past turns the LLM sees; 0 means none
+    history_turns: int = Field(default=6, ge=0, le=100)
+    # every Redis key this server writes starts with it, so instances can share a Redis
+    redis_prefix: str = Field(default="rag:", max_length=64)
 
     llm_base_url: str | None = None
     llm_api_key: str | None = None
