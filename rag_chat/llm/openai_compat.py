@@ -1,0 +1,280 @@
+"""Any OpenAI-compatible chat server (vLLM, llama.cpp's server, Ollama, OpenAI itself).
+
+The stream is read by a pump task that feeds a queue; cancelling the pump closes the HTTP
+response, and servers stop generating when their client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletionChunk
+
+from rag_chat.errors import LLMError, LLMTimeout, LLMUnavailable
+from rag_chat.llm.base import FinishReason, Generation, Message
+
+DEFAULT_CONTEXT_WINDOW = 8192
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+CHECK_TIMEOUT_S = 5.0
+MAX_RETRIES = 2
+# how long cancel() waits for the pump to close the connection
+CANCEL_WAIT_S = 5.0
+
+
+class OpenAICompatLLM:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "not-needed",
+        model: str | None = None,
+        *,
+        context_window: int = DEFAULT_CONTEXT_WINDOW,
+        max_retries: int = MAX_RETRIES,
+    ) -> None:
+        self.base_url = base_url
+        self.context_window = context_window
+        self._model = model
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key,
+            timeout=openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            max_retries=max_retries,
+        )
+        # servers that reject stream_options get one retry without it, then never again
+        self._usage_option = True
+
+    @property
+    def model_name(self) -> str:
+        # the configured model, else the server's first model once check() or a stream has
+        # resolved it
+        return self._model or "unresolved"
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // 4)
+
+    def stream(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float = 0.2,
+        stop: list[str] | None = None,
+    ) -> Generation:
+        return _OpenAIGeneration(
+            self, [dict(m) for m in messages], max_tokens, temperature, list(stop or [])
+        )
+
+    async def check(self) -> None:
+        client = self._client.with_options(timeout=CHECK_TIMEOUT_S, max_retries=0)
+        try:
+            page = await client.models.list()
+        except openai.OpenAIError as exc:
+            # a readiness probe has one answer for "not usable", whatever the cause
+            err = self._error(exc)
+            raise (err if isinstance(err, LLMUnavailable) else LLMUnavailable(str(err))) from exc
+        if self._model is None:
+            self._model = _first_model(page.data, self.base_url)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def resolve_model(self) -> str:
+        if self._model is None:
+            try:
+                page = await self._client.models.list()
+            except openai.OpenAIError as exc:
+                raise self._error(exc) from exc
+            self._model = _first_model(page.data, self.base_url)
+        return self._model
+
+    def _error(self, exc: BaseException) -> LLMError:
+        where = f"the LLM server at {self.base_url}"
+        # APITimeoutError is an APIConnectionError: test it first
+        if isinstance(exc, openai.APITimeoutError):
+            return LLMTimeout(f"{where} timed out")
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__
+            detail = f": {_short(cause)}" if cause is not None and str(cause) else ""
+            return LLMUnavailable(f"cannot reach {where}{detail}")
+        if isinstance(exc, openai.APIStatusError):
+            return LLMError(f"{where} answered {exc.status_code}: {_status_detail(exc)}")
+        return LLMError(f"{where} failed: {_short(exc)}")
+
+
+def _first_model(models: list[Any], base_url: str) -> str:
+    if not models:
+        raise LLMUnavailable(f"the LLM server at {base_url} lists no models")
+    return str(models[0].id)
+
+
+def _status_detail(exc: openai.APIStatusError) -> str:
+    # servers put the reason in different places: OpenAI's {"error": {"message"}},
+    # FastAPI's {"detail"}, or nowhere but the status line
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        for candidate in (error, body):
+            if isinstance(candidate, str) and candidate:
+                return candidate.strip().splitlines()[0][:200]
+            if isinstance(candidate, dict):
+                for key in ("message", "detail"):
+                    value = candidate.get(key)
+                    if isinstance(value, str) and value:
+                        return value.strip().splitlines()[0][:200]
+    elif isinstance(body, str) and body.strip():
+        return body.strip().splitlines()[0][:200]
+    return exc.response.reason_phrase or _short(exc)
+
+
+def _short(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    line = str(message).strip().splitlines()[0] if str(message).strip() else type(exc).__name__
+    return line[:200]
+
+
+# what the pump posts: a delta, or the end (a finish reason or an error)
+_Item = tuple[str, str | FinishReason | BaseException]
+
+
+class _OpenAIGeneration(Generation):
+    def __init__(
+        self,
+        llm: OpenAICompatLLM,
+        messages: list[Message],
+        max_tokens: int,
+        temperature: float,
+        stop: list[str],
+    ) -> None:
+        super().__init__()
+        self._llm = llm
+        self._messages = messages
+        self._max_tokens = max_tokens
+        self._temperature = temperature
+        self._stop = stop
+        self._cancelled = False
+        self._ended = False
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    async def cancel(self) -> None:
+        if self._ended:
+            return
+        self._cancelled = True
+        if not self._iterated:
+            self._end("cancelled")
+            return
+        if self._queue is not None:
+            self._queue.put_nowait(("end", "cancelled"))
+        pump = self._pump
+        if pump is not None and not pump.done():
+            pump.cancel()
+            # cancelling the pump closes the response; wait for it so that the server has
+            # seen the disconnect when cancel() returns
+            await asyncio.wait({pump}, timeout=CANCEL_WAIT_S)
+
+    def _end(self, reason: FinishReason | None) -> None:
+        self._ended = True
+        if reason is not None and self.finish_reason is None:
+            self.finish_reason = reason
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        if self._ended:
+            return
+        queue = self._queue = asyncio.Queue()
+        pump = self._pump = asyncio.create_task(self._run_pump(queue))
+        try:
+            while True:
+                kind, value = await queue.get()
+                if self._cancelled:
+                    self._end("cancelled")
+                    return
+                if kind == "delta":
+                    assert isinstance(value, str)
+                    yield value
+                elif isinstance(value, BaseException):
+                    self._end(None)
+                    raise value
+                else:
+                    self._end(value)  # type: ignore[arg-type]
+                    return
+        finally:
+            if not pump.done():
+                # the consumer left early or its task was cancelled: drop the connection
+                pump.cancel()
+                await asyncio.wait({pump}, timeout=CANCEL_WAIT_S)
+            if not self._ended:
+                self._end("cancelled")
+
+    async def _run_pump(self, queue: asyncio.Queue[_Item]) -> None:
+        try:
+            end: FinishReason | BaseException = await self._pump_stream(queue)
+        except asyncio.CancelledError:
+            raise
+        except openai.OpenAIError as exc:
+            end = self._llm._error(exc)
+        except LLMError as exc:
+            end = exc
+        except Exception as exc:  # a malformed chunk, say: still one error type for callers
+            end = LLMError(f"the LLM server at {self._llm.base_url} failed: {_short(exc)}")
+        queue.put_nowait(("end", end))
+
+    async def _pump_stream(self, queue: asyncio.Queue[_Item]) -> FinishReason:
+        llm = self._llm
+        model = await llm.resolve_model()
+        stream = await self._create(model)
+        reason: FinishReason = "stop"
+        usage_seen = False
+        async with stream:  # closes the response on cancel: the server stops generating
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage_seen = True
+                    self.usage.prompt_tokens = chunk.usage.prompt_tokens
+                    self.usage.completion_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices[:1]:
+                    content = choice.delta.content if choice.delta is not None else None
+                    if content:
+                        self.produced += 1
+                        queue.put_nowait(("delta", content))
+                    if choice.finish_reason == "length":
+                        reason = "length"
+        if not usage_seen:
+            # the server sent no usage: estimate it the way count_tokens does
+            self.usage.prompt_tokens = sum(
+                llm.count_tokens(m.get("content", "")) for m in self._messages
+            )
+            self.usage.completion_tokens = self.produced
+        return reason
+
+    async def _create(self, model: str) -> openai.AsyncStream[ChatCompletionChunk]:
+        llm = self._llm
+        messages: Any = self._messages  # plain role/content dicts are valid message params
+        stop: list[str] | openai.Omit = self._stop or openai.omit
+        if llm._usage_option:
+            try:
+                return await llm._client.chat.completions.create(
+                    model=model,
+                    messages=messages,
+                    max_tokens=self._max_tokens,
+                    temperature=self._temperature,
+                    stop=stop,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                # an older server that rejects stream_options: ask without it from now on
+                # and estimate usage; any other bad request is the caller's error
+                if "stream_options" not in f"{exc} {exc.body}":
+                    raise
+                llm._usage_option = False
+        return await llm._client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=self._max_tokens,
+            temperature=self._temperature,
+            stop=stop,
+            stream=True,
+        )
