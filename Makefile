@@ -8,7 +8,7 @@ PORT    ?= 8000
 
 .PHONY: run test install install-dev ingest serve lint bench clean
 
-run: install ingest
+run: install ingest serve
 
 test: install-dev
 	$(BIN)/ruff check rag_chat ingest tests benchmarks

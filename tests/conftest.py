@@ -3,16 +3,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+from ingest.pipeline import Pipeline
 from rag_chat.retrieval.embedder import Embedder
 from rag_chat.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = (ROOT.parent / "shared" / "datasets" / "scifact").resolve()
+TEST_REDIS_DB = 13  # Redis DB index used by tests; keys carry a per-test prefix
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +64,26 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="session")
+def guide_index(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Path:
+    """The bundled user guide (data/), ingested once per session into a temp data dir."""
+    data_dir = tmp_path_factory.mktemp("guide-index")
+    pipeline = Pipeline(Settings(data_dir=data_dir, _env_file=None), progress=False)  # type: ignore[call-arg]
+    pipeline.embedder = embedder
+    report = pipeline.run([ROOT / "data"])
+    assert report.ok and report.chunks_added > 20, report
+    return data_dir
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in Redis DB 13; only its keys are deleted afterwards."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
+    keys = list(client.scan_iter(f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

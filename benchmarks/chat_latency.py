@@ -1,0 +1,155 @@
+"""Time to first token and tokens/s: through the server vs. the raw embedded model, one run.
+
+    .venv/bin/python benchmarks/chat_latency.py [--runs 5]
+
+1. Ingests data/ into a temporary data dir and starts ``python -m rag_chat`` on a free port
+   (Redis DB 13, its own key prefix). Asks QUESTION over the WebSocket RUNS times, each in a
+   new conversation; the client measures send → first ``ai.token`` and tokens/s over the stream.
+2. Stops the server, rebuilds exactly the prompt the server sent (same retrieval, same
+   prompt builder) and streams it RUNS times straight from llama-cpp-python (same GGUF, same
+   context size, threads, max_tokens and temperature).
+Prints medians and the ratios server/raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import redis  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from ingest.pipeline import Pipeline  # noqa: E402
+from rag_chat.chat import ANSWER_TOKENS, build_prompt  # noqa: E402
+from rag_chat.llm.llama import LlamaCppLLM  # noqa: E402
+from rag_chat.retrieval.search import Retriever  # noqa: E402
+from rag_chat.settings import Settings  # noqa: E402
+
+QUESTION = "How do I ingest PDF files, and what happens to files that fail?"
+TEMPERATURE = 0.2  # what the server's backends use by default
+Rows = list[tuple[float, float, int]]  # (ttft ms, tokens/s, tokens) per run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def through_server(url: str, runs: int) -> Rows:
+    out = []
+    for i in range(runs):
+        with connect(url.replace("http", "ws") + "/ws", open_timeout=10) as ws:
+            t0 = time.perf_counter()
+            ws.send(json.dumps({"type": "message", "text": QUESTION, "conversation_id": f"b{i}"}))
+            first = last = None
+            n = 0
+            while True:
+                event = json.loads(ws.recv(timeout=300))
+                if event["type"] == "ai.token":
+                    last = time.perf_counter()
+                    first = first or last
+                    n += 1
+                elif event["type"] in ("ai.done", "error"):
+                    assert event["type"] == "ai.done", event
+                    break
+        assert first is not None and last is not None
+        out.append(((first - t0) * 1000, (n - 1) / (last - first) if n > 1 else 0.0, n))
+    return out
+
+
+def raw(
+    messages: list[dict[str, str]], llm: LlamaCppLLM, runs: int
+) -> list[tuple[float, float, int]]:
+    llama = llm._load_sync()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        first = last = None
+        n = 0
+        for chunk in llama.create_chat_completion(
+            messages,  # type: ignore[arg-type]
+            stream=True,
+            max_tokens=ANSWER_TOKENS,
+            temperature=TEMPERATURE,
+        ):
+            if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index]
+                last = time.perf_counter()
+                first = first or last
+                n += 1
+        assert first is not None and last is not None
+        out.append(((first - t0) * 1000, (n - 1) / (last - first) if n > 1 else 0.0, n))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_dir=Path(tmp) / "state", _env_file=None)  # type: ignore[call-arg]
+        report = Pipeline(settings, progress=False).run([ROOT / "data"])
+        assert report.ok, report.errors
+        port, prefix = free_port(), f"bench:{os.getpid()}:"
+        env = {**os.environ, "RAG_DATA_DIR": str(settings.data_dir), "RAG_REDIS_PREFIX": prefix,
+               "RAG_REDIS_URL": "redis://127.0.0.1:6379/13"}  # fmt: skip
+        env.pop("RAG_LLM_BASE_URL", None)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "rag_chat", "--port", str(port), "--log-level", "warning"],
+            cwd=ROOT,
+            env=env,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            served = through_server(url, args.runs)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            r = redis.Redis.from_url("redis://127.0.0.1:6379/13")
+            keys = list(r.scan_iter(f"{prefix}*"))
+            if keys:
+                r.delete(*keys)
+
+        retriever = Retriever(settings)
+        llm = LlamaCppLLM()
+        asyncio.run(llm.load())
+        hits = retriever.search(QUESTION, settings.top_k, "hybrid")
+        prompt = build_prompt(llm, QUESTION, hits, [], ANSWER_TOKENS)
+        direct = raw(prompt.messages, llm, args.runs)
+
+    def med(rows: Rows, i: int) -> float:
+        return statistics.median(r[i] for r in rows)
+
+    print(f"question: {QUESTION!r}; prompt {prompt.tokens} tokens, {prompt.sources_used} sources")
+    print(f"{'':22}{'TTFT ms (median)':>18}{'tokens/s (median)':>19}{'tokens':>8}")
+    for name, rows in (("through rag_chat (WS)", served), ("raw llama-cpp-python", direct)):
+        print(f"{name:22}{med(rows, 0):18.0f}{med(rows, 1):19.1f}{med(rows, 2):8.0f}")
+    print(
+        f"server/raw: TTFT {med(served, 0) / med(direct, 0):.2f}x "
+        f"(+{med(served, 0) - med(direct, 0):.0f} ms: retrieval, prompt building, transport), "
+        f"tokens/s {med(served, 1) / med(direct, 1):.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transports: WebSocket, SSE, the OpenAI-compatible API, REST, health and metrics."""

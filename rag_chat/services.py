@@ -1,0 +1,70 @@
+"""Everything a running server holds, built once in the app's lifespan from settings.
+
+No module-level clients: tests build their own ``Services`` (a FakeLLM, an isolated Redis
+prefix, a temp data dir) and hand it to ``create_app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from rag_chat.chat import ChatService
+from rag_chat.llm import LLM, build_llm
+from rag_chat.memory import Memory, open_memory
+from rag_chat.metrics import Metrics
+from rag_chat.retrieval.embedder import Embedder
+from rag_chat.retrieval.search import Retriever
+from rag_chat.retrieval.store import Hit
+from rag_chat.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    llm: LLM
+    memory: Memory
+    retriever: Retriever
+    chat: ChatService
+    metrics: Metrics = field(default_factory=Metrics)
+
+    @classmethod
+    async def open(
+        cls,
+        settings: Settings,
+        *,
+        llm: LLM | None = None,
+        memory: Memory | None = None,
+        embedder: Embedder | None = None,
+    ) -> Services:
+        memory = memory or await open_memory(settings)
+        embedder = embedder or Embedder(settings.embedding_model, settings.embedding_batch_size)
+        retriever = await asyncio.to_thread(Retriever, settings, embedder=embedder)
+        # load torch and the weights now, not on the first user's question
+        await asyncio.to_thread(embedder.encode, ["warm up"])
+        await asyncio.to_thread(retriever.keyword_index)
+        llm = llm or build_llm(settings)
+        load = getattr(llm, "load", None)
+        if load is not None:
+            await load()
+        if retriever.store.count() == 0:
+            log.warning(
+                "the collection %r is empty: answers will have no sources. "
+                "Run `python -m ingest data/` (or your own folder) first.",
+                retriever.collection,
+            )
+
+        def search(query: str, k: int) -> list[Hit]:
+            return retriever.search(query, k, "hybrid")
+
+        chat = ChatService(
+            llm, memory, search, top_k=settings.top_k, history_turns=settings.history_turns
+        )
+        return cls(settings, llm, memory, retriever, chat)
+
+    async def aclose(self) -> None:
+        await self.llm.aclose()
+        await self.memory.aclose()
