@@ -35,11 +35,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
 
+    import asyncio
+
     import uvicorn
 
     from rag_chat.app import create_app
+    from rag_chat.errors import RagChatError
+    from rag_chat.memory import open_memory
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    async def preflight() -> None:
+        # an explicitly configured Redis that does not answer: refuse to start, in one line
+        memory = await open_memory(settings)
+        await memory.aclose()
+
+    try:
+        asyncio.run(preflight())
+    except RagChatError as exc:
+        print(f"rag_chat: cannot start: {exc}", file=sys.stderr)
+        return 1
+
     uvicorn.run(
         create_app(settings),
         host=settings.host,

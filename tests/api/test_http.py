@@ -145,7 +145,7 @@ def test_health_readiness_metrics_and_openapi(make_app: Any) -> None:
         assert checks["llm"] == {"ok": True, "model": "fake"}
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert 'new WebSocket(' in page.text and ".innerHTML" not in page.text
+        assert "new WebSocket(" in page.text and ".innerHTML" not in page.text
         metrics = client.get("/metrics").text
         assert "rag_ws_connections" in metrics and "rag_replies_total" in metrics
         paths = client.get("/openapi.json").json()["paths"]
