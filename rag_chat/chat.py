@@ -186,6 +186,9 @@ class Reply:
     history: list[StoredMessage] | None = None  # given explicitly (OpenAI API): not persisted
     persist: bool = True
     max_tokens: int | None = None
+    # rooms store the question as a room message when it is posted: the reply then leaves it
+    # out of the history it reads and stores only the answer
+    question_id: str | None = None
     _generation: Generation | None = None
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -206,7 +209,9 @@ class Reply:
         try:
             history = self.history
             if history is None:
-                history = await svc.memory.history(self.conversation_id, svc.history_messages)
+                history = await svc.memory.history(self.conversation_id, svc.history_messages + 1)
+                history = [m for m in history if m.get("id") != self.question_id]
+                history = history[-svc.history_messages :] if svc.history_messages else []
             query = rewrite_query(history, self.text) if svc.rewrite else self.text
             t0 = time.perf_counter()
             hits = await svc.retrieve(query)
@@ -301,8 +306,9 @@ class Reply:
             "query": query,
             "finish_reason": finish,
         }
+        messages = (answer,) if self.question_id else (user, answer)
         try:
-            await self.service.memory.append(self.conversation_id, user, answer)
+            await self.service.memory.append(self.conversation_id, *messages)
             return True
         except MemoryUnavailable as exc:
             log.warning("reply %s not saved: %s", self.message_id, exc)
@@ -347,6 +353,7 @@ class ChatService:
         history: list[StoredMessage] | None = None,
         persist: bool = True,
         max_tokens: int | None = None,
+        question_id: str | None = None,
     ) -> Reply:
         text = (text or "").strip()
         if not text:
@@ -361,4 +368,5 @@ class ChatService:
             history=history,
             persist=persist and history is None,
             max_tokens=max_tokens,
+            question_id=question_id,
         )

@@ -17,6 +17,15 @@ from rag_chat.metrics import Metrics
 from rag_chat.retrieval.embedder import Embedder
 from rag_chat.retrieval.search import Retriever
 from rag_chat.retrieval.store import Hit
+from rag_chat.rooms import (
+    LocalPresence,
+    LocalRoomLog,
+    Presence,
+    RedisPresence,
+    RedisRoomLog,
+    RoomLog,
+    Rooms,
+)
 from rag_chat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,6 +38,7 @@ class Services:
     memory: Memory
     retriever: Retriever
     chat: ChatService
+    rooms: Rooms
     metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
@@ -63,8 +73,32 @@ class Services:
         chat = ChatService(
             llm, memory, search, top_k=settings.top_k, history_turns=settings.history_turns
         )
-        return cls(settings, llm, memory, retriever, chat)
+        # room events live where the memory lives: Redis shared by every instance, or this
+        # process alone when memory fell back to in-process
+        room_log: RoomLog
+        presence: Presence
+        if memory.kind == "redis":
+            room_log = RedisRoomLog(settings.redis_url, settings.redis_prefix)
+            presence = RedisPresence(
+                settings.redis_url, settings.redis_prefix, settings.presence_ttl_seconds
+            )
+        else:
+            room_log, presence = LocalRoomLog(), LocalPresence()
+        rooms = Rooms(
+            room_log,
+            presence,
+            chat,
+            memory,
+            presence_ttl_s=settings.presence_ttl_seconds,
+            typing_ttl_s=settings.typing_ttl_seconds,
+            reply_grace_s=settings.reply_grace_seconds,
+        )
+        await rooms.start()
+        return cls(settings, llm, memory, retriever, chat, rooms)
 
     async def aclose(self) -> None:
+        await self.rooms.stop()
+        await self.rooms.log.aclose()
+        await self.rooms.presence.aclose()
         await self.llm.aclose()
         await self.memory.aclose()

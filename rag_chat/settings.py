@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     history_turns: int = Field(default=6, ge=0, le=100)
     # every Redis key this server writes starts with it, so instances can share a Redis
     redis_prefix: str = Field(default="rag:", max_length=64)
+    # rooms: a connection's presence outlives its instance by this much; a typing indicator
+    # stops on its own after this; an AI reply nobody is listening to is cancelled after this
+    presence_ttl_seconds: float = Field(default=30.0, ge=1, le=3600)
+    typing_ttl_seconds: float = Field(default=6.0, ge=0.5, le=600)
+    reply_grace_seconds: float = Field(default=15.0, ge=0, le=3600)
 
     llm_base_url: str | None = None
     llm_api_key: str | None = None

@@ -1,20 +1,30 @@
-"""Server-Sent Events for custom clients: ``POST /api/chat`` streams the WebSocket events.
+"""Server-Sent Events for custom clients: ``POST /api/chat`` streams a reply's room events.
 
-Each event goes out as ``event: <type>``, ``id: <n>`` and ``data: <json>``, with a comment
-heartbeat (``: ping``) every 15 s so proxies keep the stream open. When the client goes away,
-sse-starlette cancels the generator and the reply's generation is cancelled with it.
+Each event goes out as ``event: <type>``, ``id: <seq>`` and ``data: <json>`` (the seq of the
+conversation's event log), with a comment heartbeat (``: ping``) every 15 s. The stream ends
+after the reply's ``ai.done`` (or ``error``).
+
+Resume: a client that lost the stream sends the same request again with ``Last-Event-ID``
+(and the ``conversation_id`` from ``ai.start``): no new message is posted; the events after that
+seq are replayed and the answer still streaming continues live. While no client is listening,
+the answer keeps running for a grace period (15 s), then it is cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
+from rag_chat.errors import BadRequest
+from rag_chat.rooms import Member
+from rag_chat.rooms.log import Event
 from rag_chat.services import Services
 
 router = APIRouter()
@@ -30,6 +40,9 @@ class ChatIn(BaseModel):
         pattern=r"^[A-Za-z0-9_.:-]+$",
         description="continue a conversation; a new one is started when omitted",
     )
+    client_id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="idempotency key for the message"
+    )
 
 
 @router.post(
@@ -38,26 +51,46 @@ class ChatIn(BaseModel):
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "the event stream"}},
 )
-async def chat_sse(body: ChatIn, request: Request) -> EventSourceResponse:
+async def chat_sse(
+    body: ChatIn,
+    request: Request,
+    last_event_id: str | None = Header(default=None, description="resume after this seq"),
+) -> EventSourceResponse:
     services: Services = request.app.state.services
-    reply = services.chat.start(body.message, body.conversation_id)  # BadRequest → 400
+    rooms = services.rooms
+    resume: int | None = None
+    if last_event_id is not None:
+        if not last_event_id.isdigit():
+            raise BadRequest("Last-Event-ID must be the seq (a number) of the last event received")
+        if body.conversation_id is None:
+            raise BadRequest("resuming with Last-Event-ID needs the conversation_id")
+        resume = int(last_event_id)
+    room = body.conversation_id or uuid.uuid4().hex
+    member = Member(uuid.uuid4().hex, "sse")
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    sub = await rooms.join(member, room, resume, queue.put_nowait)
+    await queue.get()  # the `joined` event: not part of the SSE stream
+    if resume is None:
+        msg = await rooms.post(member, room, body.message, client_id=body.client_id, ai=True)
+        if msg is None:  # a re-send of a message already taken: follow what is streaming
+            resume = await rooms.log.last_seq(room)
 
     async def stream() -> AsyncIterator[dict[str, Any]]:
         services.metrics.replies_in_flight.inc()
+        reply_id: str | None = None
         try:
-            async for n, event in _numbered(reply.events()):
+            while True:
+                event = await queue.get()
                 services.metrics.observe("sse", event)
-                yield {"event": event["type"], "id": str(n), "data": json.dumps(event)}
+                yield {"event": event["type"], "id": str(event["seq"]), "data": json.dumps(event)}
+                if event["type"] == "ai.start" and reply_id is None:
+                    reply_id = event["message_id"]
+                if event["type"] in ("ai.done", "error") and (
+                    reply_id is None or event.get("message_id") in (reply_id, None)
+                ):
+                    return
         finally:
             services.metrics.replies_in_flight.dec()
-            if not reply.cancelled:
-                await reply.cancel()  # client gone (or done: cancel is then a no-op)
+            await rooms.leave(member, room, sub)
 
     return EventSourceResponse(stream(), ping=HEARTBEAT_S)
-
-
-async def _numbered(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[tuple[int, Any]]:
-    n = 0
-    async for event in events:
-        n += 1
-        yield n, event

@@ -1,17 +1,15 @@
-"""The WebSocket transport: ``/ws``, a JSON event protocol.
+"""The WebSocket transport: ``/ws``, a JSON event protocol over rooms.
 
-One connection runs three kinds of task::
+One connection runs::
 
-    receive loop ──► validate event ──► ping → pong
-                          │             message → ChatService.start → reply task
-                          │             cancel  → Reply.cancel (stops the backend)
-    reply tasks  ──► events ──► send queue (bounded) ──► sender task ──► socket
+    receive loop ──► validate ──► join/leave/typing/message/cancel ──► Rooms (log in Redis)
+    room subscriptions (RoomHub) ──► deliver ──► send queue (bounded) ──► sender task ──► socket
 
-Every send goes through one queue and one sender, so events of concurrent replies never
-interleave mid-frame. A bad event gets an ``error`` event and the connection stays usable.
-Disconnect cancels every reply of the connection (the backends stop generating). Protocol
-pings every 20 s come from the server (uvicorn's ws_ping_interval); ``ping`` → ``pong`` is the
-application-level heartbeat for browsers, which cannot see protocol pings.
+Everything a client sees comes from the room logs, in seq order, the same on every instance.
+A bad event gets an ``error`` event and the connection stays usable. Disconnect leaves every
+room (presence, typing and subscriptions are released); AI replies live on in their room and
+are cancelled only when nobody is left to read them. Protocol pings every 20 s come from the
+server (uvicorn's ws_ping_interval); ``ping`` → ``pong`` is the application-level heartbeat.
 """
 
 from __future__ import annotations
@@ -26,87 +24,126 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from rag_chat.chat import Event, Reply
+from rag_chat.chat import Event
 from rag_chat.errors import RagChatError
+from rag_chat.rooms import Member, Subscription
 from rag_chat.services import Services
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-SEND_QUEUE = 2048  # events buffered per connection before the sender applies back-pressure
+SEND_QUEUE = 4096  # events buffered per connection; a reader this far behind is dropped
 MAX_FRAME_CHARS = 64_000
+CLOSE_TOO_SLOW = 1013  # "try again later": the client could not keep up
+
+RoomId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+UserName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class JoinIn(_In):
+    type: Literal["join"]
+    room: RoomId
+    last_seq: int | None = Field(default=None, ge=0)
+    user: UserName | None = None
+
+
+class LeaveIn(_In):
+    type: Literal["leave"]
+    room: RoomId
+
+
 class MessageIn(_In):
     type: Literal["message"]
     text: str = Field(min_length=1, max_length=8000)
-    conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
+    room: RoomId | None = None
+    conversation_id: RoomId | None = None
     client_id: str | None = Field(default=None, min_length=1, max_length=128)
+    ai: bool = False
+
+
+class TypingIn(_In):
+    type: Literal["typing"]
+    room: RoomId
+    state: Literal["start", "stop"]
 
 
 class CancelIn(_In):
     type: Literal["cancel"]
     message_id: str = Field(min_length=1, max_length=128)
+    room: RoomId | None = None
 
 
 class PingIn(_In):
     type: Literal["ping"]
 
 
-ClientEvent = Annotated[MessageIn | CancelIn | PingIn, Field(discriminator="type")]
-_client_event: TypeAdapter[MessageIn | CancelIn | PingIn] = TypeAdapter(ClientEvent)
+ClientEvent = JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | PingIn
+_client_event: TypeAdapter[ClientEvent] = TypeAdapter(
+    Annotated[ClientEvent, Field(discriminator="type")]
+)
+_TAGS = {"join", "leave", "message", "typing", "cancel", "ping"}
 
 
 def explain(exc: ValidationError) -> str:
     """The first problem, in one line: ``text: String should have at least 1 character``."""
     err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x in _TAGS))
     if err["type"] == "union_tag_invalid":
         return f"unknown event type {err['input'].get('type')!r}; expected one of: " + ", ".join(
             sorted(_TAGS)
         )
     if err["type"] == "union_tag_not_found":
         return "every event needs a 'type': one of " + ", ".join(sorted(_TAGS))
+    loc = ".".join(str(x) for x in err["loc"][1:])
     return f"{loc}: {err['msg']}" if loc else err["msg"]
-
-
-_TAGS = {"message", "cancel", "ping"}
 
 
 class Connection:
     def __init__(self, ws: WebSocket, services: Services) -> None:
         self.ws = ws
         self.services = services
-        self.conversation_id = uuid.uuid4().hex  # default for messages that name none
+        self.rooms = services.rooms
+        self.member = Member(uuid.uuid4().hex, f"guest-{uuid.uuid4().hex[:4]}")
+        self.named = False
+        self.private_room = uuid.uuid4().hex  # for messages that name no room or conversation
         self.out: asyncio.Queue[Event | None] = asyncio.Queue(SEND_QUEUE)
-        self.replies: dict[str, tuple[Reply, asyncio.Task[None]]] = {}
-        self.client_ids: dict[str, str] = {}  # client_id -> message_id: idempotent sends
+        self.subs: dict[str, Subscription] = {}
+        self.reply_rooms: dict[str, str] = {}  # AI message_id -> room, to cancel by id alone
+        self.too_slow = False
+        self._closing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._sender())
         try:
             await self._receive_loop()
         finally:
-            for reply, task in list(self.replies.values()):
-                await reply.cancel()
-                task.cancel()
-            for _, task in list(self.replies.values()):
-                with contextlib.suppress(BaseException):
-                    await task
+            for room, sub in list(self.subs.items()):
+                with contextlib.suppress(Exception):
+                    await self.rooms.leave(self.member, room, sub)
+            self.subs.clear()
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender
 
-    async def send(self, event: Event) -> None:
+    def deliver(self, event: Event) -> None:
+        if self.too_slow:
+            return
+        if event.get("type") == "ai.start" and event.get("room"):
+            self.reply_rooms[event["message_id"]] = event["room"]
         self.services.metrics.observe("ws", event)
-        await self.out.put(event)
+        try:
+            self.out.put_nowait(event)
+        except asyncio.QueueFull:
+            self.too_slow = True
+            self._closing = asyncio.create_task(
+                self.ws.close(CLOSE_TOO_SLOW, "client too slow to keep up")
+            )
 
-    async def error(self, code: str, message: str, **extra: Any) -> None:
-        await self.send({"type": "error", "code": code, "message": message, **extra})
+    def error(self, code: str, message: str, **extra: Any) -> None:
+        self.deliver({"type": "error", "code": code, "message": message, **extra})
 
     async def _sender(self) -> None:
         while (event := await self.out.get()) is not None:
@@ -119,66 +156,81 @@ class Connection:
                 return
             text = msg.get("text")
             if text is None:
-                await self.error("bad_request", "binary frames are not supported; send JSON text")
+                self.error("bad_request", "binary frames are not supported; send JSON text")
                 continue
             if len(text) > MAX_FRAME_CHARS:
-                await self.error("bad_request", f"frame larger than {MAX_FRAME_CHARS} characters")
+                self.error("bad_request", f"frame larger than {MAX_FRAME_CHARS} characters")
                 continue
             try:
                 raw = json.loads(text)
             except json.JSONDecodeError as exc:
-                await self.error("bad_request", f"invalid JSON: {exc.msg} at position {exc.pos}")
+                self.error("bad_request", f"invalid JSON: {exc.msg} at position {exc.pos}")
                 continue
             if not isinstance(raw, dict):
-                await self.error("bad_request", "every event is a JSON object with a 'type'")
+                self.error("bad_request", "every event is a JSON object with a 'type'")
                 continue
             try:
                 event = _client_event.validate_python(raw)
             except ValidationError as exc:
-                await self.error("bad_request", explain(exc), event=raw.get("type"))
+                self.error("bad_request", explain(exc), event=raw.get("type"))
                 continue
-            await self._dispatch(event)
-
-    async def _dispatch(self, event: MessageIn | CancelIn | PingIn) -> None:
-        if isinstance(event, PingIn):
-            await self.send({"type": "pong"})
-        elif isinstance(event, CancelIn):
-            entry = self.replies.get(event.message_id)
-            if entry is None:
-                await self.error(
-                    "not_found", f"no reply {event.message_id!r} is streaming on this connection"
-                )
-            else:
-                await entry[0].cancel()
-        else:
-            if event.client_id and event.client_id in self.client_ids:
-                return  # a re-send of a message we already took: no second reply
             try:
-                reply = self.services.chat.start(
-                    event.text, event.conversation_id or self.conversation_id
-                )
+                await self._dispatch(event)
             except RagChatError as exc:
-                await self.error(exc.code, str(exc))
-                return
-            if event.client_id:
-                self.client_ids[event.client_id] = reply.message_id
-            task = asyncio.create_task(self._stream(reply, event.client_id))
-            self.replies[reply.message_id] = (reply, task)
+                self.error(exc.code, str(exc), event=event.type)
 
-    async def _stream(self, reply: Reply, client_id: str | None) -> None:
-        metrics = self.services.metrics
-        metrics.replies_in_flight.inc()
-        try:
-            async for event in reply.events():
-                if client_id and event["type"] == "ai.start":
-                    event = {**event, "client_id": client_id}
-                await self.send(event)
-        except Exception:
-            log.exception("reply %s failed", reply.message_id)
-            await self.error("internal_error", "the reply failed", message_id=reply.message_id)
-        finally:
-            metrics.replies_in_flight.dec()
-            self.replies.pop(reply.message_id, None)
+    async def _join(self, room: str, last_seq: int | None, announce: bool = True) -> None:
+        if room in self.subs:
+            old = self.subs.pop(room)
+            self.rooms.hub.unsubscribe(old)
+        if announce:
+            deliver = self.deliver
+        else:  # a private conversation joined implicitly: no `joined` event
+
+            def deliver(event: Event) -> None:
+                if event.get("type") != "joined":
+                    self.deliver(event)
+
+        self.subs[room] = await self.rooms.join(self.member, room, last_seq, deliver)
+
+    async def _dispatch(self, event: ClientEvent) -> None:
+        if isinstance(event, PingIn):
+            self.deliver({"type": "pong"})
+        elif isinstance(event, JoinIn):
+            if event.user and not self.named:
+                self.member = Member(self.member.conn, event.user)
+                self.named = True
+            await self._join(event.room, event.last_seq)
+        elif isinstance(event, LeaveIn):
+            sub = self.subs.pop(event.room, None)
+            await self.rooms.leave(self.member, event.room, sub)
+            self.deliver({"type": "left", "room": event.room})
+        elif isinstance(event, TypingIn):
+            if event.room not in self.subs:
+                self.error("not_joined", f"join room {event.room!r} first", event="typing")
+                return
+            await self.rooms.typing(self.member, event.room, event.state)
+        elif isinstance(event, CancelIn):
+            room = event.room or self.reply_rooms.get(event.message_id)
+            if room is None:
+                self.error("not_found", f"no reply {event.message_id!r} in your rooms")
+                return
+            await self.rooms.cancel(self.member, room, event.message_id)
+        else:
+            if event.room is not None:
+                if event.room not in self.subs:
+                    self.error("not_joined", f"join room {event.room!r} first", event="message")
+                    return
+                await self.rooms.post(
+                    self.member, event.room, event.text, client_id=event.client_id, ai=event.ai
+                )
+            else:  # a private conversation with the assistant: a room with one member
+                room = event.conversation_id or self.private_room
+                if room not in self.subs:
+                    await self._join(room, None, announce=False)
+                await self.rooms.post(
+                    self.member, room, event.text, client_id=event.client_id, ai=True
+                )
 
 
 @router.websocket("/ws")

@@ -37,6 +37,7 @@ class StoredMessage(TypedDict, total=False):
     sources: list[dict[str, Any]]  # assistant turns: the cited chunks
     query: str  # the (possibly rewritten) retrieval query
     finish_reason: str
+    user: str  # rooms: who wrote it
 
 
 @runtime_checkable

@@ -34,13 +34,16 @@ def test_sse_streams_the_same_events(make_app: Any) -> None:
     with TestClient(make_app(llm)) as client:
         events = sse_events(client, {"message": "How do I preview an ingest?"})
     assert [e for e, _, _ in events] == [
+        "presence",
+        "message",
         "ai.start",
         "ai.sources",
         "ai.token",
         "ai.token",
         "ai.done",
     ]
-    assert [i for _, i, _ in events] == ["1", "2", "3", "4", "5"]
+    # ids are the conversation log's seqs: what Last-Event-ID resumes from
+    assert [i for _, i, _ in events] == ["1", "2", "3", "4", "5", "6", "7"]
     assert all(e == d["type"] for e, _, d in events)
     assert events[-1][2]["finish_reason"] == "stop"
 

@@ -1,0 +1,126 @@
+"""Fan-out of room events to this instance's subscribers, from the shared log.
+
+::
+
+    RoomLog (Redis streams) ──XREAD (one reader task, every room with a local subscriber)──►
+        RoomHub ──► Subscription.offer(event) ──► deliver(event) (a connection's send queue)
+
+Every instance reads the same stream, so every member sees a room's events in one order. A
+subscriber that joins with a last ``seq`` first reads the backlog (XRANGE) while live events
+are held back, then goes live; events are delivered once, in seq order, by comparing seqs.
+The reader is woken at once when a room is added, so a new room's events are not delayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+
+from rag_chat.errors import MemoryUnavailable
+from rag_chat.rooms.log import Event, RoomLog
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 5000
+RETRY_S = 0.5
+
+
+class Subscription:
+    def __init__(self, room: str, after: int, deliver: Callable[[Event], None]) -> None:
+        self.room = room
+        self.last = after
+        self._deliver = deliver
+        self._held: list[Event] | None = []  # live events that arrive during the catch-up
+
+    def offer(self, event: Event) -> None:
+        if self._held is not None:
+            self._held.append(event)
+        elif event["seq"] > self.last:
+            self.last = event["seq"]
+            self._deliver(event)
+
+    def go_live(self, backlog: list[Event]) -> None:
+        held, self._held = self._held or [], None
+        for event in sorted(backlog + held, key=lambda e: int(e["seq"])):
+            self.offer(event)
+
+
+class RoomHub:
+    def __init__(self, room_log: RoomLog) -> None:
+        self.log = room_log
+        self.subs: dict[str, set[Subscription]] = {}
+        self.cursors: dict[str, int] = {}
+        self._wake_room = f"_wake:{uuid.uuid4().hex}"
+        self._wake_seq = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="room-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def subscribe(
+        self, room: str, after: int | None, deliver: Callable[[Event], None]
+    ) -> Subscription:
+        """Deliver every event of ``room`` with seq > ``after`` (None: from now on)."""
+        current = await self.log.last_seq(room)
+        start = current if after is None else max(0, min(after, current))
+        sub = Subscription(room, start, deliver)
+        self.subs.setdefault(room, set()).add(sub)
+        if room not in self.cursors:
+            self.cursors[room] = current
+            await self._wake()
+        try:
+            backlog = await self.log.since(room, start) if start < current else []
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
+        sub.go_live(backlog)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self.subs.get(sub.room)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self.subs[sub.room]
+            self.cursors.pop(sub.room, None)
+
+    def local_subscribers(self, room: str) -> int:
+        return len(self.subs.get(room, ()))
+
+    async def _wake(self) -> None:
+        if self._task is not None:
+            await self.log.append(self._wake_room, {"type": "_wake"})
+
+    async def _run(self) -> None:
+        delay = RETRY_S
+        while True:
+            cursors = {**self.cursors, self._wake_room: self._wake_seq}
+            try:
+                events = await self.log.read(cursors, READ_BLOCK_MS)
+                delay = RETRY_S
+            except MemoryUnavailable as exc:
+                log.warning("room events paused: %s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            for event in events:
+                room = event["room"]
+                if room == self._wake_room:
+                    self._wake_seq = max(self._wake_seq, event["seq"])
+                    continue
+                if room in self.cursors:
+                    self.cursors[room] = max(self.cursors[room], event["seq"])
+                for sub in list(self.subs.get(room, ())):
+                    sub.offer(event)

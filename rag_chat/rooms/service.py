@@ -1,0 +1,279 @@
+"""Rooms: members, messages, typing and AI replies, all as events in the room's log.
+
+::
+
+    join ──► presence.add ──► joined {members, history, last_seq} ──► hub.subscribe(after)
+    message ──► claim client_id (idempotent) ──► log: message ──► memory ──► AI asked? ──┐
+    AI reply task (on the instance that took the message) ◄──────────────────────────────┘
+        ChatService events ──► log (ai.start, ai.sources, ai.token…, ai.done) ──► every member
+        watches the room for ai.cancel from any member on any instance; cancels itself when
+        nobody has been in the room for PRIVATE_GRACE_S (a private chat whose client is gone)
+    typing start/stop ──► log; a start not refreshed within TYPING_TTL_S stops on its own
+
+A private conversation with the assistant is a room with one member whose messages always
+ask the AI. Everything a client sees comes from the log, so a reconnect with the last seq
+replays exactly what it missed, including the rest of an answer still streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from rag_chat.chat import ChatService, Reply
+from rag_chat.errors import BadRequest, MemoryUnavailable
+from rag_chat.memory import Memory
+from rag_chat.rooms.hub import RoomHub, Subscription
+from rag_chat.rooms.log import Event, RoomLog
+from rag_chat.rooms.presence import PRESENCE_TTL_S, Presence
+
+log = logging.getLogger(__name__)
+
+TYPING_TTL_S = 6.0
+PRIVATE_GRACE_S = 15.0
+WATCHDOG_S = 1.0
+HISTORY_ON_JOIN = 50
+CLIENT_ID_TTL_S = 24 * 3600
+_ROOM = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_AI_MENTION = re.compile(r"(?:^|(?<=\s))@ai\b", re.IGNORECASE)
+
+
+def check_room(room: object) -> str:
+    if not isinstance(room, str) or not _ROOM.match(room):
+        raise BadRequest("room must be 1-128 characters of letters, digits, '_', '-', '.', ':'")
+    return room
+
+
+@dataclass(frozen=True)
+class Member:
+    conn: str
+    user: str
+
+
+class Rooms:
+    def __init__(
+        self,
+        room_log: RoomLog,
+        presence: Presence,
+        chat: ChatService,
+        memory: Memory,
+        *,
+        presence_ttl_s: float = PRESENCE_TTL_S,
+        typing_ttl_s: float = TYPING_TTL_S,
+        reply_grace_s: float = PRIVATE_GRACE_S,
+    ) -> None:
+        self.presence_ttl_s = presence_ttl_s
+        self.typing_ttl_s = typing_ttl_s
+        self.reply_grace_s = reply_grace_s
+        self.log = room_log
+        self.hub = RoomHub(room_log)
+        self.presence = presence
+        self.chat = chat
+        self.memory = memory
+        self.replies: dict[str, Reply] = {}
+        self._reply_tasks: set[asyncio.Task[None]] = set()
+        self._typing: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._local: dict[str, dict[str, str]] = {}  # room -> {conn: user} on this instance
+        self._refresher: asyncio.Task[None] | None = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # keep a reference: the loop holds tasks weakly
+        task = asyncio.create_task(coro)
+        self._reply_tasks.add(task)
+        task.add_done_callback(self._reply_tasks.discard)
+
+    async def start(self) -> None:
+        self.hub.start()
+        self._refresher = asyncio.create_task(self._refresh_presence(), name="presence")
+
+    async def stop(self) -> None:
+        for reply in list(self.replies.values()):
+            await reply.cancel()
+        for task in list(self._reply_tasks):
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 5)
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.hub.stop()
+
+    # --- membership ---
+
+    async def join(
+        self, member: Member, room: str, last_seq: int | None, deliver: Callable[[Event], None]
+    ) -> Subscription:
+        check_room(room)
+        members, new_user = await self.presence.add(room, member.conn, member.user)
+        self._local.setdefault(room, {})[member.conn] = member.user
+        current = await self.log.last_seq(room)
+        history = await self.memory.history(room, HISTORY_ON_JOIN)
+        deliver(
+            {
+                "type": "joined",
+                "room": room,
+                "user": member.user,
+                "members": members,
+                "history": history,
+                "last_seq": current,
+            }
+        )
+        sub = await self.hub.subscribe(room, current if last_seq is None else last_seq, deliver)
+        if new_user:
+            await self.log.append(
+                room,
+                {"type": "presence", "action": "join", "user": member.user, "members": members},
+            )
+        return sub
+
+    async def leave(self, member: Member, room: str, sub: Subscription | None) -> None:
+        if sub is not None:
+            self.hub.unsubscribe(sub)
+        await self.typing(member, room, "stop")
+        local = self._local.get(room, {})
+        local.pop(member.conn, None)
+        if not local:
+            self._local.pop(room, None)
+        members, user_left = await self.presence.remove(room, member.conn)
+        if user_left:
+            await self.log.append(
+                room,
+                {"type": "presence", "action": "leave", "user": member.user, "members": members},
+            )
+
+    # --- messages and the AI ---
+
+    async def post(
+        self, member: Member, room: str, text: str, *, client_id: str | None, ai: bool
+    ) -> Event | None:
+        """Append a message; None when ``client_id`` was seen before (a re-send)."""
+        check_room(room)
+        if client_id and not await self.log.claim(room, client_id, CLIENT_ID_TTL_S):
+            return None
+        ask = ai or bool(_AI_MENTION.search(text))
+        msg = await self.log.append(
+            room,
+            {
+                "type": "message",
+                "id": uuid.uuid4().hex,
+                "user": member.user,
+                "text": text,
+                "client_id": client_id,
+                "ai": ask,
+            },
+        )
+        await self.typing(member, room, "stop")
+        try:
+            await self.memory.append(
+                room,
+                {
+                    "id": msg["id"],
+                    "role": "user",
+                    "content": text,
+                    "user": member.user,
+                    "created_at": msg["ts"],
+                },
+            )
+        except MemoryUnavailable as exc:
+            log.warning("message %s not kept in history: %s", msg["id"], exc)
+        if ask:
+            question = _AI_MENTION.sub(" ", text).strip() or text
+            reply = self.chat.start(question, room, question_id=msg["id"])
+            self.replies[reply.message_id] = reply
+            self._spawn(self._run_reply(room, reply, msg["id"]))
+        return msg
+
+    async def cancel(self, member: Member, room: str, message_id: str) -> None:
+        check_room(room)
+        await self.log.append(
+            room, {"type": "ai.cancel", "message_id": message_id, "user": member.user}
+        )
+        reply = self.replies.get(message_id)
+        if reply is not None:
+            await reply.cancel()
+
+    async def _run_reply(self, room: str, reply: Reply, reply_to: str) -> None:
+        def watch(event: Event) -> None:
+            if event.get("type") == "ai.cancel" and event.get("message_id") == reply.message_id:
+                self._spawn(reply.cancel())
+
+        watcher = await self.hub.subscribe(room, None, watch)
+        watchdog = asyncio.create_task(self._watchdog(room, reply))
+        try:
+            async for event in reply.events():
+                await self.log.append(room, {**event, "user": "ai", "reply_to": reply_to})
+        except MemoryUnavailable as exc:
+            log.warning("reply %s stopped, its room log is unreachable: %s", reply.message_id, exc)
+            await reply.cancel()
+        finally:
+            watchdog.cancel()
+            self.hub.unsubscribe(watcher)
+            self.replies.pop(reply.message_id, None)
+
+    async def _watchdog(self, room: str, reply: Reply) -> None:
+        empty_since: float | None = None
+        while True:
+            await asyncio.sleep(WATCHDOG_S)
+            try:
+                members = await self.presence.members(room)
+            except MemoryUnavailable:
+                continue
+            if members:
+                empty_since = None
+            elif empty_since is None:
+                empty_since = time.monotonic()
+            elif time.monotonic() - empty_since >= self.reply_grace_s:
+                log.info("reply %s cancelled: nobody in %s", reply.message_id, room)
+                await reply.cancel()
+                return
+
+    # --- typing ---
+
+    async def typing(self, member: Member, room: str, state: str) -> None:
+        key = (member.conn, room)
+        timer = self._typing.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        if state == "start":
+            if timer is None:
+                await self.log.append(
+                    room,
+                    {
+                        "type": "typing",
+                        "user": member.user,
+                        "state": "start",
+                        "ttl_ms": int(self.typing_ttl_s * 1000),
+                    },
+                )
+            loop = asyncio.get_running_loop()
+            self._typing[key] = loop.call_later(
+                self.typing_ttl_s, lambda: self._spawn(self.typing(member, room, "stop"))
+            )
+        elif timer is not None:
+            await self.log.append(room, {"type": "typing", "user": member.user, "state": "stop"})
+
+    # --- presence upkeep ---
+
+    async def _refresh_presence(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence_ttl_s / 3)
+            for room, conns in list(self._local.items()):
+                try:
+                    members, gone = await self.presence.refresh(room, dict(conns))
+                    for user in gone:
+                        await self.log.append(
+                            room,
+                            {
+                                "type": "presence",
+                                "action": "leave",
+                                "user": user,
+                                "members": members,
+                            },
+                        )
+                except MemoryUnavailable as exc:
+                    log.warning("presence refresh failed: %s", exc)
