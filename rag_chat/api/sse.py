@@ -68,7 +68,7 @@ async def chat_sse(
     room = body.conversation_id or uuid.uuid4().hex
     member = Member(uuid.uuid4().hex, "sse")
     queue: asyncio.Queue[Event] = asyncio.Queue()
-    sub = await rooms.join(member, room, resume, queue.put_nowait)
+    await rooms.join(member, room, resume, queue.put_nowait)
     await queue.get()  # the `joined` event: not part of the SSE stream
     if resume is None:
         msg = await rooms.post(member, room, body.message, client_id=body.client_id, ai=True)
@@ -91,6 +91,6 @@ async def chat_sse(
                     return
         finally:
             services.metrics.replies_in_flight.dec()
-            await rooms.leave(member, room, sub)
+            await rooms.leave(member, room)
 
     return EventSourceResponse(stream(), ping=HEARTBEAT_S)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from rag_chat.chat import Event
 from rag_chat.errors import RagChatError
-from rag_chat.rooms import Member, Subscription
+from rag_chat.rooms import Member
 from rag_chat.services import Services
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,6 @@ class Connection:
         self.named = False
         self.private_room = uuid.uuid4().hex  # for messages that name no room or conversation
         self.out: asyncio.Queue[Event | None] = asyncio.Queue(SEND_QUEUE)
-        self.subs: dict[str, Subscription] = {}
         self.reply_rooms: dict[str, str] = {}  # AI message_id -> room, to cancel by id alone
         self.too_slow = False
         self._closing: asyncio.Task[None] | None = None
@@ -120,13 +119,12 @@ class Connection:
         try:
             await self._receive_loop()
         finally:
-            for room, sub in list(self.subs.items()):
-                with contextlib.suppress(Exception):
-                    await self.rooms.leave(self.member, room, sub)
-            self.subs.clear()
             sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
+            # leaving (presence, typing, subscriptions) must finish even when this task is
+            # being cancelled (server shutdown, a test client closing): shield it
+            cleanup = asyncio.ensure_future(self.rooms.leave_all(self.member))
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(cleanup)
 
     def deliver(self, event: Event) -> None:
         if self.too_slow:
@@ -180,9 +178,6 @@ class Connection:
                 self.error(exc.code, str(exc), event=event.type)
 
     async def _join(self, room: str, last_seq: int | None, announce: bool = True) -> None:
-        if room in self.subs:
-            old = self.subs.pop(room)
-            self.rooms.hub.unsubscribe(old)
         if announce:
             deliver = self.deliver
         else:  # a private conversation joined implicitly: no `joined` event
@@ -191,7 +186,7 @@ class Connection:
                 if event.get("type") != "joined":
                     self.deliver(event)
 
-        self.subs[room] = await self.rooms.join(self.member, room, last_seq, deliver)
+        await self.rooms.join(self.member, room, last_seq, deliver)
 
     async def _dispatch(self, event: ClientEvent) -> None:
         if isinstance(event, PingIn):
@@ -202,11 +197,10 @@ class Connection:
                 self.named = True
             await self._join(event.room, event.last_seq)
         elif isinstance(event, LeaveIn):
-            sub = self.subs.pop(event.room, None)
-            await self.rooms.leave(self.member, event.room, sub)
+            await self.rooms.leave(self.member, event.room)
             self.deliver({"type": "left", "room": event.room})
         elif isinstance(event, TypingIn):
-            if event.room not in self.subs:
+            if not self.rooms.is_member(self.member, event.room):
                 self.error("not_joined", f"join room {event.room!r} first", event="typing")
                 return
             await self.rooms.typing(self.member, event.room, event.state)
@@ -218,7 +212,7 @@ class Connection:
             await self.rooms.cancel(self.member, room, event.message_id)
         else:
             if event.room is not None:
-                if event.room not in self.subs:
+                if not self.rooms.is_member(self.member, event.room):
                     self.error("not_joined", f"join room {event.room!r} first", event="message")
                     return
                 await self.rooms.post(
@@ -226,7 +220,7 @@ class Connection:
                 )
             else:  # a private conversation with the assistant: a room with one member
                 room = event.conversation_id or self.private_room
-                if room not in self.subs:
+                if not self.rooms.is_member(self.member, room):
                     await self._join(room, None, announce=False)
                 await self.rooms.post(
                     self.member, room, event.text, client_id=event.client_id, ai=True

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 5000
 RETRY_S = 0.5
+STOP_WAIT_S = 3.0
 
 
 class Subscription:
@@ -56,17 +57,26 @@ class RoomHub:
         self._wake_room = f"_wake:{uuid.uuid4().hex}"
         self._wake_seq = 0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="room-hub")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # Cancelling a blocked XREAD can hang in the Redis client: ask the reader to stop and
+        # wake it with an event instead; cancel only as the last resort.
+        task = self._task
+        if task is None:
+            return
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            await self._wake()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), STOP_WAIT_S)
+        except (TimeoutError, Exception):
+            task.cancel()
+        self._task = None
 
     async def subscribe(
         self, room: str, after: int | None, deliver: Callable[[Event], None]
@@ -76,12 +86,12 @@ class RoomHub:
         start = current if after is None else max(0, min(after, current))
         sub = Subscription(room, start, deliver)
         self.subs.setdefault(room, set()).add(sub)
-        if room not in self.cursors:
-            self.cursors[room] = current
-            await self._wake()
         try:
+            if room not in self.cursors:
+                self.cursors[room] = current
+                await self._wake()
             backlog = await self.log.since(room, start) if start < current else []
-        except BaseException:
+        except BaseException:  # cancelled or failed: leave nothing behind
             self.unsubscribe(sub)
             raise
         sub.go_live(backlog)
@@ -105,7 +115,7 @@ class RoomHub:
 
     async def _run(self) -> None:
         delay = RETRY_S
-        while True:
+        while not self._stopping:
             cursors = {**self.cursors, self._wake_room: self._wake_seq}
             try:
                 events = await self.log.read(cursors, READ_BLOCK_MS)

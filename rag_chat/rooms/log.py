@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from rag_chat.errors import MemoryUnavailable
@@ -27,6 +29,7 @@ Event = dict[str, Any]
 
 LOG_MAXLEN = 10_000  # events kept per room (approximately: MAXLEN ~)
 LOG_TTL_S = 7 * 24 * 3600  # a room's log expires a week after its last event
+MAX_BLOCK_MS = 10_000
 
 _APPEND = """
 local seq = redis.call('INCR', KEYS[2])
@@ -61,8 +64,18 @@ class RedisRoomLog:
     kind = "redis"
 
     def __init__(self, url: str, prefix: str = "rag:") -> None:
-        # socket_timeout=None: XREAD BLOCK holds the connection for block_ms on purpose
-        self._redis: Any = Redis.from_url(url, decode_responses=True, socket_connect_timeout=2)
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3)
+        self._redis: Any = Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, retry=retry
+        )
+        # XREAD BLOCK holds its connection for up to MAX_BLOCK_MS on purpose: its own client,
+        # whose socket timeout outlasts the block
+        self._reader: Any = Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=MAX_BLOCK_MS / 1000 + 5,
+        )
         self.prefix = prefix
         self._append = self._redis.register_script(_APPEND)
 
@@ -94,7 +107,7 @@ class RedisRoomLog:
         streams = {self._keys(room)[0]: f"{seq}-0" for room, seq in cursors.items()}
         rooms = {self._keys(room)[0]: room for room in cursors}
         try:
-            reply = await self._redis.xread(streams, block=block_ms, count=1000)
+            reply = await self._reader.xread(streams, block=min(block_ms, MAX_BLOCK_MS), count=1000)
         except (RedisError, OSError) as exc:
             raise MemoryUnavailable(f"Redis is not reachable for room events ({exc})") from exc
         out = []
@@ -121,6 +134,7 @@ class RedisRoomLog:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        await self._reader.aclose()
 
 
 class LocalRoomLog:

@@ -81,6 +81,7 @@ class Rooms:
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._typing: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._local: dict[str, dict[str, str]] = {}  # room -> {conn: user} on this instance
+        self._subs: dict[str, dict[str, Subscription]] = {}  # conn -> {room: subscription}
         self._refresher: asyncio.Task[None] | None = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -123,22 +124,49 @@ class Rooms:
                 "last_seq": current,
             }
         )
+        old = self._subs.get(member.conn, {}).pop(room, None)
+        if old is not None:  # a rejoin (resume) on the same connection replaces the old one
+            self.hub.unsubscribe(old)
         sub = await self.hub.subscribe(room, current if last_seq is None else last_seq, deliver)
+        # registered with no await in between: a cancelled join still gets cleaned up
+        self._subs.setdefault(member.conn, {})[room] = sub
         if new_user:
-            await self.log.append(
-                room,
-                {"type": "presence", "action": "join", "user": member.user, "members": members},
-            )
+            try:
+                await self.log.append(
+                    room,
+                    {"type": "presence", "action": "join", "user": member.user, "members": members},
+                )
+            except BaseException:
+                await self.leave(member, room)
+                raise
         return sub
 
-    async def leave(self, member: Member, room: str, sub: Subscription | None) -> None:
+    def is_member(self, member: Member, room: str) -> bool:
+        return room in self._subs.get(member.conn, {})
+
+    async def leave_all(self, member: Member) -> None:
+        """Everything a connection held, in every room (also half-finished joins)."""
+        rooms = set(self._subs.get(member.conn, {}))
+        rooms |= {room for room, conns in self._local.items() if member.conn in conns}
+        for room in rooms:
+            try:
+                await self.leave(member, room)
+            except MemoryUnavailable as exc:
+                log.warning("leaving %s: %s", room, exc)
+
+    async def leave(self, member: Member, room: str) -> None:
+        # in-process state first, so it is released even if Redis fails below
+        subs = self._subs.get(member.conn, {})
+        sub = subs.pop(room, None)
+        if not subs:
+            self._subs.pop(member.conn, None)
         if sub is not None:
             self.hub.unsubscribe(sub)
-        await self.typing(member, room, "stop")
         local = self._local.get(room, {})
         local.pop(member.conn, None)
         if not local:
             self._local.pop(room, None)
+        await self.typing(member, room, "stop")
         members, user_left = await self.presence.remove(room, member.conn)
         if user_left:
             await self.log.append(
@@ -239,7 +267,15 @@ class Rooms:
         timer = self._typing.pop(key, None)
         if timer is not None:
             timer.cancel()
+        if state == "start" and member.conn not in self._local.get(room, {}):
+            return  # a late timer or message after the member left
         if state == "start":
+            # the state first, then the I/O: a cancel during the append still leaves a timer
+            # that a disconnect or the expiry turns into a "stop"
+            loop = asyncio.get_running_loop()
+            self._typing[key] = loop.call_later(
+                self.typing_ttl_s, lambda: self._spawn(self.typing(member, room, "stop"))
+            )
             if timer is None:
                 await self.log.append(
                     room,
@@ -250,10 +286,6 @@ class Rooms:
                         "ttl_ms": int(self.typing_ttl_s * 1000),
                     },
                 )
-            loop = asyncio.get_running_loop()
-            self._typing[key] = loop.call_later(
-                self.typing_ttl_s, lambda: self._spawn(self.typing(member, room, "stop"))
-            )
         elif timer is not None:
             await self.log.append(room, {"type": "typing", "user": member.user, "state": "stop"})
 
