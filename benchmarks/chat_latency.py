@@ -77,6 +77,9 @@ def raw(
     llama = llm._load_sync()
     out = []
     for _ in range(runs):
+        # llama.cpp reuses the KV cache of an identical prompt prefix: clear it, or every run
+        # after the first skips the prompt (the server's prompts differ run to run)
+        llama.reset()
         t0 = time.perf_counter()
         first = last = None
         n = 0
