@@ -4,6 +4,7 @@ close codes; ``code`` is the stable string clients see, ``str(exc)`` the one-lin
     RagChatError
      ├── BadRequest            bad_request          (400)
      ├── NotFound              not_found            (404)
+ ├── NotJoined             not_joined           (403)
      ├── LLMError              llm_error            (502)
      │    ├── LLMUnavailable   llm_unavailable      (503)
      │    └── LLMTimeout       llm_timeout          (504)
@@ -27,6 +28,11 @@ class BadRequest(RagChatError):
 class NotFound(RagChatError):
     code = "not_found"
     status = 404
+
+
+class NotJoined(RagChatError):
+    code = "not_joined"
+    status = 403
 
 
 class LLMError(RagChatError):

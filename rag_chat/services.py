@@ -83,7 +83,8 @@ class Services:
                 settings.redis_url, settings.redis_prefix, settings.presence_ttl_seconds
             )
         else:
-            room_log, presence = LocalRoomLog(), LocalPresence()
+            local_log = LocalRoomLog()
+            room_log, presence = local_log, LocalPresence(local_log)
         rooms = Rooms(
             room_log,
             presence,

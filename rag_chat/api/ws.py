@@ -209,6 +209,9 @@ class Connection:
             if room is None:
                 self.error("not_found", f"no reply {event.message_id!r} in your rooms")
                 return
+            if not self.rooms.is_member(self.member, room):
+                self.error("not_joined", f"join room {room!r} first", event="cancel")
+                return
             await self.rooms.cancel(self.member, room, event.message_id)
         else:
             if event.room is not None:

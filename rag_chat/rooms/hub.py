@@ -90,7 +90,9 @@ class RoomHub:
             if room not in self.cursors:
                 self.cursors[room] = current
                 await self._wake()
-            backlog = await self.log.since(room, start) if start < current else []
+            # always read from `start`: the reader may already have fanned out events past
+            # `current` before this subscription was registered
+            backlog = await self.log.since(room, start)
         except BaseException:  # cancelled or failed: leave nothing behind
             self.unsubscribe(sub)
             raise

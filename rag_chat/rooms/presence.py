@@ -1,8 +1,12 @@
 """Who is in a room: one entry per connection, with an expiry its instance keeps refreshing.
 
 Redis: the hash ``{prefix}room:{room}:members`` maps a connection id to ``{user, expires}``.
-A connection that closes removes its entry; one whose instance died stops being refreshed and
-is dropped by the next reader after ``PRESENCE_TTL_S``. Members are the distinct users.
+Every operation is one Lua script that, atomically: drops expired entries, applies the add,
+remove or refresh (a refresh only extends entries that still exist, so a connection that left
+meanwhile is not brought back), and appends the ``presence`` join/leave events it implies to
+the room's log, with the same seq counter as every other room event. So a user hopping between
+instances yields exactly one join and one leave, and a crashed instance's users get their leave
+from whichever operation first sees their entries expired.
 """
 
 from __future__ import annotations
@@ -15,30 +19,83 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from rag_chat.errors import MemoryUnavailable
+from rag_chat.rooms.log import LOG_MAXLEN, LOG_TTL_S, LocalRoomLog
 
 PRESENCE_TTL_S = 30.0  # an entry not refreshed for this long is gone (its instance died)
 
 Members = list[dict[str, Any]]  # [{"user": "alice", "connections": 2}, ...] sorted by user
 
+_PRESENCE = """
+local op, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local raw = redis.call('HGETALL', KEYS[1])
+local live, before_any, before_live = {}, {}, {}
+for i = 1, #raw, 2 do
+  local e = cjson.decode(raw[i + 1])
+  before_any[e.user] = true
+  if e.expires > now then
+    live[raw[i]] = e
+    before_live[e.user] = true
+  else
+    redis.call('HDEL', KEYS[1], raw[i])
+  end
+end
+if op == 'add' then
+  local e = {user = ARGV[6], expires = now + ttl}
+  live[ARGV[7]] = e
+  redis.call('HSET', KEYS[1], ARGV[7], cjson.encode(e))
+elseif op == 'remove' then
+  live[ARGV[7]] = nil
+  redis.call('HDEL', KEYS[1], ARGV[7])
+elseif op == 'refresh' then
+  for i = 7, #ARGV do
+    local e = live[ARGV[i]]
+    if e then
+      e.expires = now + ttl
+      redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(e))
+    end
+  end
+end
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl * 4) + 1)
+local counts, names = {}, {}
+for _, e in pairs(live) do
+  if not counts[e.user] then counts[e.user] = 0; table.insert(names, e.user) end
+  counts[e.user] = counts[e.user] + 1
+end
+table.sort(names)
+local parts = {}
+for _, u in ipairs(names) do
+  table.insert(parts, '{"user":' .. cjson.encode(u) .. ',"connections":' .. counts[u] .. '}')
+end
+local members = '[' .. table.concat(parts, ',') .. ']'
+local function announce(action, user)
+  local seq = redis.call('INCR', KEYS[3])
+  local ev = '{"type":"presence","action":"' .. action .. '","user":' .. cjson.encode(user)
+    .. ',"members":' .. members .. ',"ts":' .. ARGV[2] .. '}'
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'e', ev)
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
+if op == 'add' and not before_live[ARGV[6]] then announce('join', ARGV[6]) end
+local left = {}
+for u, _ in pairs(before_any) do if not counts[u] then table.insert(left, u) end end
+table.sort(left)
+for _, u in ipairs(left) do announce('leave', u) end
+return members
+"""
+
 
 class Presence(Protocol):
-    async def add(self, room: str, conn: str, user: str) -> tuple[Members, bool]: ...
+    """Each call also appends the presence events it implies to the room's log."""
 
-    async def remove(self, room: str, conn: str) -> tuple[Members, bool]: ...
+    async def add(self, room: str, conn: str, user: str) -> Members: ...
+
+    async def remove(self, room: str, conn: str) -> Members: ...
 
     async def members(self, room: str) -> Members: ...
 
-    async def refresh(self, room: str, conns: dict[str, str]) -> tuple[Members, list[str]]: ...
+    async def refresh(self, room: str, conns: dict[str, str]) -> Members: ...
 
     async def aclose(self) -> None: ...
-
-
-def _members(entries: dict[str, dict[str, Any]], now: float) -> Members:
-    counts: dict[str, int] = {}
-    for entry in entries.values():
-        if entry["expires"] > now:
-            counts[entry["user"]] = counts.get(entry["user"], 0) + 1
-    return [{"user": u, "connections": n} for u, n in sorted(counts.items())]
 
 
 class RedisPresence:
@@ -48,93 +105,77 @@ class RedisPresence:
             url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
         )
         self.prefix = prefix
+        self._script = self._redis.register_script(_PRESENCE)
 
-    def _key(self, room: str) -> str:
-        return f"{self.prefix}room:{room}:members"
-
-    async def _entries(self, room: str) -> dict[str, dict[str, Any]]:
-        raw = await self._redis.hgetall(self._key(room))
-        now = time.time()
-        entries = {k: json.loads(v) for k, v in raw.items()}
-        stale = [k for k, e in entries.items() if e["expires"] <= now]
-        if stale:
-            await self._redis.hdel(self._key(room), *stale)
-            for k in stale:
-                del entries[k]
-        return entries
-
-    async def add(self, room: str, conn: str, user: str) -> tuple[Members, bool]:
+    async def _run(self, op: str, room: str, user: str = "", *conns: str) -> Members:
+        p = f"{self.prefix}room:{room}"
         try:
-            before = await self._entries(room)
-            entry = {"user": user, "expires": time.time() + self.ttl_s}
-            await self._redis.hset(self._key(room), conn, json.dumps(entry))
-            await self._redis.expire(self._key(room), int(self.ttl_s * 4) + 1)
+            raw = await self._script(
+                keys=[f"{p}:members", f"{p}:log", f"{p}:seq"],
+                args=[op, repr(time.time()), self.ttl_s, LOG_MAXLEN, LOG_TTL_S, user, *conns],
+            )
         except (RedisError, OSError) as exc:
             raise MemoryUnavailable(f"Redis is not reachable for presence ({exc})") from exc
-        new_user = all(e["user"] != user for e in before.values())
-        return _members({**before, conn: entry}, time.time()), new_user
+        members: Members = json.loads(raw)
+        return members
 
-    async def remove(self, room: str, conn: str) -> tuple[Members, bool]:
-        try:
-            entries = await self._entries(room)
-            gone = entries.pop(conn, None)
-            await self._redis.hdel(self._key(room), conn)
-        except (RedisError, OSError) as exc:
-            raise MemoryUnavailable(f"Redis is not reachable for presence ({exc})") from exc
-        user_left = gone is not None and all(e["user"] != gone["user"] for e in entries.values())
-        return _members(entries, time.time()), user_left
+    async def add(self, room: str, conn: str, user: str) -> Members:
+        return await self._run("add", room, user, conn)
+
+    async def remove(self, room: str, conn: str) -> Members:
+        return await self._run("remove", room, "", conn)
 
     async def members(self, room: str) -> Members:
-        try:
-            return _members(await self._entries(room), time.time())
-        except (RedisError, OSError) as exc:
-            raise MemoryUnavailable(f"Redis is not reachable for presence ({exc})") from exc
+        return await self._run("read", room)
 
-    async def refresh(self, room: str, conns: dict[str, str]) -> tuple[Members, list[str]]:
-        """Extend this instance's entries; returns the members and users whose every entry
-        expired (a dead instance's connections) so a ``presence`` event can say they left."""
-        try:
-            before = await self._redis.hgetall(self._key(room))
-            users_before = {json.loads(v)["user"] for v in before.values()}
-            entries = await self._entries(room)
-            expires = time.time() + self.ttl_s
-            if conns:
-                mapping = {c: json.dumps({"user": u, "expires": expires}) for c, u in conns.items()}
-                await self._redis.hset(self._key(room), mapping=mapping)
-                await self._redis.expire(self._key(room), int(self.ttl_s * 4) + 1)
-                for c, u in conns.items():
-                    entries[c] = {"user": u, "expires": expires}
-        except (RedisError, OSError) as exc:
-            raise MemoryUnavailable(f"Redis is not reachable for presence ({exc})") from exc
-        members = _members(entries, time.time())
-        present = {m["user"] for m in members}
-        return members, sorted(users_before - present)
+    async def refresh(self, room: str, conns: dict[str, str]) -> Members:
+        return await self._run("refresh", room, "", *conns)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
 
 
 class LocalPresence:
-    def __init__(self) -> None:
-        self._rooms: dict[str, dict[str, dict[str, Any]]] = {}
+    """The single-process version: the same decisions, made without an await in between."""
 
-    async def add(self, room: str, conn: str, user: str) -> tuple[Members, bool]:
+    def __init__(self, room_log: LocalRoomLog) -> None:
+        self._log = room_log
+        self._rooms: dict[str, dict[str, str]] = {}
+
+    def _members(self, room: str) -> Members:
+        counts: dict[str, int] = {}
+        for user in self._rooms.get(room, {}).values():
+            counts[user] = counts.get(user, 0) + 1
+        return [{"user": u, "connections": n} for u, n in sorted(counts.items())]
+
+    async def add(self, room: str, conn: str, user: str) -> Members:
         entries = self._rooms.setdefault(room, {})
-        new_user = all(e["user"] != user for e in entries.values())
-        entries[conn] = {"user": user, "expires": float("inf")}
-        return _members(entries, time.time()), new_user
+        new_user = user not in entries.values()
+        entries[conn] = user
+        members = self._members(room)
+        if new_user:
+            await self._log.append(
+                room, {"type": "presence", "action": "join", "user": user, "members": members}
+            )
+        return members
 
-    async def remove(self, room: str, conn: str) -> tuple[Members, bool]:
+    async def remove(self, room: str, conn: str) -> Members:
         entries = self._rooms.get(room, {})
-        gone = entries.pop(conn, None)
-        user_left = gone is not None and all(e["user"] != gone["user"] for e in entries.values())
-        return _members(entries, time.time()), user_left
+        user = entries.pop(conn, None)
+        if not entries:
+            self._rooms.pop(room, None)
+        members = self._members(room)
+        if user is not None and user not in entries.values():
+            await self._log.append(
+                room, {"type": "presence", "action": "leave", "user": user, "members": members}
+            )
+        return members
 
     async def members(self, room: str) -> Members:
-        return _members(self._rooms.get(room, {}), time.time())
+        return self._members(room)
 
-    async def refresh(self, room: str, conns: dict[str, str]) -> tuple[Members, list[str]]:
-        return await self.members(room), []
+    async def refresh(self, room: str, conns: dict[str, str]) -> Members:
+        return self._members(room)
 
     async def aclose(self) -> None:
         return None

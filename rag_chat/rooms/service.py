@@ -2,7 +2,8 @@
 
 ::
 
-    join ──► presence.add ──► joined {members, history, last_seq} ──► hub.subscribe(after)
+    join ──► hub.subscribe(after) ──► presence.add (+ its join event) ──► joined {members,
+             history, last_seq} ──► the events held meanwhile ──► live
     message ──► claim client_id (idempotent) ──► log: message ──► memory ──► AI asked? ──┐
     AI reply task (on the instance that took the message) ◄──────────────────────────────┘
         ChatService events ──► log (ai.start, ai.sources, ai.token…, ai.done) ──► every member
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rag_chat.chat import ChatService, Reply
-from rag_chat.errors import BadRequest, MemoryUnavailable
+from rag_chat.errors import BadRequest, MemoryUnavailable, NotJoined
 from rag_chat.memory import Memory
 from rag_chat.rooms.hub import RoomHub, Subscription
 from rag_chat.rooms.log import Event, RoomLog
@@ -109,11 +110,32 @@ class Rooms:
     async def join(
         self, member: Member, room: str, last_seq: int | None, deliver: Callable[[Event], None]
     ) -> Subscription:
+        """``joined`` first, then every event after ``last_seq`` (or, without one, from the
+        member's own presence join on), then live."""
         check_room(room)
-        members, new_user = await self.presence.add(room, member.conn, member.user)
-        self._local.setdefault(room, {})[member.conn] = member.user
         current = await self.log.last_seq(room)
-        history = await self.memory.history(room, HISTORY_ON_JOIN)
+        held: list[Event] = []
+        live = False
+
+        def hold(event: Event) -> None:
+            if live:
+                deliver(event)
+            else:
+                held.append(event)
+
+        old = self._subs.get(member.conn, {}).pop(room, None)
+        if old is not None:  # a rejoin (resume) on the same connection replaces the old one
+            self.hub.unsubscribe(old)
+        sub = await self.hub.subscribe(room, current if last_seq is None else last_seq, hold)
+        # registered with no await in between: a cancelled join still gets cleaned up
+        self._subs.setdefault(member.conn, {})[room] = sub
+        self._local.setdefault(room, {})[member.conn] = member.user
+        try:
+            members = await self.presence.add(room, member.conn, member.user)
+            history = await self.memory.history(room, HISTORY_ON_JOIN)
+        except BaseException:
+            await self.leave(member, room)
+            raise
         deliver(
             {
                 "type": "joined",
@@ -124,21 +146,9 @@ class Rooms:
                 "last_seq": current,
             }
         )
-        old = self._subs.get(member.conn, {}).pop(room, None)
-        if old is not None:  # a rejoin (resume) on the same connection replaces the old one
-            self.hub.unsubscribe(old)
-        sub = await self.hub.subscribe(room, current if last_seq is None else last_seq, deliver)
-        # registered with no await in between: a cancelled join still gets cleaned up
-        self._subs.setdefault(member.conn, {})[room] = sub
-        if new_user:
-            try:
-                await self.log.append(
-                    room,
-                    {"type": "presence", "action": "join", "user": member.user, "members": members},
-                )
-            except BaseException:
-                await self.leave(member, room)
-                raise
+        for event in held:
+            deliver(event)
+        live = True
         return sub
 
     def is_member(self, member: Member, room: str) -> bool:
@@ -167,12 +177,7 @@ class Rooms:
         if not local:
             self._local.pop(room, None)
         await self.typing(member, room, "stop")
-        members, user_left = await self.presence.remove(room, member.conn)
-        if user_left:
-            await self.log.append(
-                room,
-                {"type": "presence", "action": "leave", "user": member.user, "members": members},
-            )
+        await self.presence.remove(room, member.conn)  # announces the leave if it was the last
 
     # --- messages and the AI ---
 
@@ -218,11 +223,13 @@ class Rooms:
 
     async def cancel(self, member: Member, room: str, message_id: str) -> None:
         check_room(room)
+        if not self.is_member(member, room):
+            raise NotJoined(f"join room {room!r} first")
         await self.log.append(
             room, {"type": "ai.cancel", "message_id": message_id, "user": member.user}
         )
         reply = self.replies.get(message_id)
-        if reply is not None:
+        if reply is not None and reply.conversation_id == room:
             await reply.cancel()
 
     async def _run_reply(self, room: str, reply: Reply, reply_to: str) -> None:
@@ -296,16 +303,7 @@ class Rooms:
             await asyncio.sleep(self.presence_ttl_s / 3)
             for room, conns in list(self._local.items()):
                 try:
-                    members, gone = await self.presence.refresh(room, dict(conns))
-                    for user in gone:
-                        await self.log.append(
-                            room,
-                            {
-                                "type": "presence",
-                                "action": "leave",
-                                "user": user,
-                                "members": members,
-                            },
-                        )
+                    # also announces the users of a crashed instance as gone
+                    await self.presence.refresh(room, dict(conns))
                 except MemoryUnavailable as exc:
                     log.warning("presence refresh failed: %s", exc)

@@ -165,6 +165,10 @@ class _Completion(Response):
             else:
                 record.state = "cancelled"
                 stats.cancelled += 1
+        # a disconnect is not an error (uvicorn's send() to a gone client returns quietly), a
+        # failing producer is: let the server log it
+        if not producer.cancelled() and (error := producer.exception()) is not None:
+            raise error
 
     def _usage(self) -> dict[str, int]:
         sent = self.record.sent
