@@ -105,9 +105,10 @@ class _Batch:
         return not (self.docs or self.files or self.removed_docs or self.removed_files)
 
 
-def display_path(path: Path) -> str:
+def display_path(path: Path, root: Path | None = None) -> str:
+    """The path users see (and a file's doc_id): relative to ``root`` or the working dir."""
     try:
-        return str(path.relative_to(Path.cwd()))
+        return str(path.relative_to((root or Path.cwd()).resolve()))
     except ValueError:
         return str(path)
 
@@ -129,6 +130,8 @@ class Pipeline:
         batch_size: int | None = None,
         progress: bool | None = None,
         log: Callable[[str], None] = print,
+        embedder: Any = None,
+        display_root: Path | None = None,
     ) -> None:
         from rag_chat.retrieval.embedder import Embedder, EmbedderError
 
@@ -137,8 +140,10 @@ class Pipeline:
         self.dir = settings.collection_dir(self.collection)
         self.progress = progress
         self.log = log
+        self.display_root = display_root
         try:
-            self.embedder = Embedder(
+            # the server hands over its own, already loaded (uploads from the browser)
+            self.embedder = embedder or Embedder(
                 settings.embedding_model, batch_size or settings.embedding_batch_size
             )
             window = self.embedder.max_tokens
@@ -260,11 +265,11 @@ class Pipeline:
                         if name.startswith(".") or not fp.is_file():
                             continue
                         if is_supported(fp):
-                            files.setdefault(fp, display_path(fp))
+                            files.setdefault(fp, display_path(fp, self.display_root))
                         else:
                             report.files_ignored += 1
             elif ap.is_file():
-                files.setdefault(ap, display_path(ap))
+                files.setdefault(ap, display_path(ap, self.display_root))
             else:
                 report.fail(str(raw), "not a regular file or directory")
         return list(files.items()), scopes

@@ -1,19 +1,105 @@
-"""``python -m rag_chat`` serves the chat (``--host``, ``--port``)."""
+"""``python -m rag_chat`` serves the chat (``--host``, ``--port``);
+``python -m rag_chat token --user NAME`` mints an access token."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 # uvicorn sends a WebSocket ping every WS_PING_S and drops peers that miss a pong
 WS_PING_S = 20.0
+OPEN_MODE_WARNING = """
+  !! rag_chat is in OPEN DEVELOPMENT MODE: no RAG_JWT_SECRET or RAG_JWT_PUBLIC_KEY is set,
+  !! so anyone who can reach this port can chat, read every conversation and use the LLM.
+  !! Set RAG_JWT_SECRET (and mint tokens with `python -m rag_chat token --user NAME`)
+  !! before exposing it.
+"""
+
+
+def _settings(**overrides: Any) -> Any:
+    from rag_chat.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(
+            f"rag_chat: bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}",
+            file=sys.stderr,
+        )
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rag_chat token",
+        description="Mint an access token (HS256 with RAG_JWT_SECRET, or RS256 with a private "
+        "key) for the WebSocket, SSE, OpenAI-compatible and REST endpoints.",
+    )
+    parser.add_argument("--user", required=True, help="the user name (the token's subject)")
+    parser.add_argument(
+        "--days", type=float, default=7.0, help="how long it is valid (default: 7 days)"
+    )
+    parser.add_argument(
+        "--room",
+        action="append",
+        dest="rooms",
+        metavar="PATTERN",
+        help="shared rooms this user may join (glob, repeatable); default: any",
+    )
+    parser.add_argument(
+        "--private-key", type=Path, help="sign with RS256 using this PEM private key"
+    )
+    args = parser.parse_args(argv)
+    settings = _settings()
+    if settings is None:
+        return 2
+    if args.days <= 0:
+        print("rag_chat token: --days must be positive", file=sys.stderr)
+        return 2
+
+    from rag_chat.auth import Authenticator
+
+    key = None
+    if args.private_key is not None:
+        try:
+            key = args.private_key.read_text()
+        except OSError as exc:
+            print(
+                f"rag_chat token: cannot read {args.private_key}: {exc.strerror}", file=sys.stderr
+            )
+            return 2
+    try:
+        token = Authenticator(settings).mint(
+            args.user, ttl_s=args.days * 86400, rooms=args.rooms, private_key=key
+        )
+    except ValueError as exc:
+        print(f"rag_chat token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["token"]:
+        return token_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m rag_chat", description=__doc__)
     parser.add_argument("--host", help="interface to bind (default: RAG_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: RAG_PORT or 8000)")
@@ -21,29 +107,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
-
-    from rag_chat.settings import Settings
-
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        print(
-            f"rag_chat: bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}",
-            file=sys.stderr,
-        )
+    settings = _settings(host=args.host, port=args.port)
+    if settings is None:
         return 2
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not settings.auth_required:
+        if not is_loopback(settings.host) and not settings.allow_open:
+            print(
+                f"rag_chat: refusing to serve {settings.host} in open development mode (no auth): "
+                "set RAG_JWT_SECRET, or RAG_ALLOW_OPEN=true to allow it anyway",
+                file=sys.stderr,
+            )
+            return 2
+        print(OPEN_MODE_WARNING, file=sys.stderr)
 
     import asyncio
 
     import uvicorn
 
-    from rag_chat.app import create_app
+    from rag_chat.api.ws import MAX_FRAME_BYTES
+    from rag_chat.app import create_app, drain
+    from rag_chat.auth import Authenticator
     from rag_chat.errors import RagChatError
     from rag_chat.memory import open_memory
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        Authenticator(settings)  # a public key that cannot be read: say so now
+    except ValueError as exc:
+        print(f"rag_chat: cannot start: {exc}", file=sys.stderr)
+        return 1
 
     async def preflight() -> None:
         # an explicitly configured Redis that does not answer: refuse to start, in one line
@@ -56,15 +149,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rag_chat: cannot start: {exc}", file=sys.stderr)
         return 1
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        # uvicorn closes WebSockets (1012) as its first shutdown step: end the replies in
+        # flight with their final events before that
+        async def shutdown(self, sockets: Any = None) -> None:
+            try:
+                await drain(app)
+            except Exception:
+                logging.getLogger("rag_chat").exception("draining connections failed")
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
         ws_ping_interval=WS_PING_S,
         ws_ping_timeout=WS_PING_S,
+        ws_max_size=MAX_FRAME_BYTES,
         timeout_graceful_shutdown=10,
     )
+    Server(config).run()
     return 0
 
 

@@ -1,23 +1,35 @@
 """The FastAPI app: ``create_app(settings)`` builds the services in the lifespan.
 
 Errors from the one hierarchy (rag_chat.errors) become ``{"error": {"code", "message"}}`` with
-the error's HTTP status; request validation failures become one-line ``bad_request`` errors.
-Tracebacks never reach clients.
+the error's HTTP status (429s also carry ``Retry-After`` and ``retry_after``); request
+validation failures become one-line ``bad_request`` errors. Tracebacks never reach clients.
+Every response carries ``X-Content-Type-Options: nosniff``; CORS follows RAG_ALLOWED_ORIGINS.
+
+Graceful shutdown (:func:`drain`, run by ``python -m rag_chat`` before uvicorn closes
+connections): replies in flight are cancelled and end with their ``ai.done``
+(``cancel_reason: "server_shutdown"``), every WebSocket gets what was queued for it and then
+close code 1012 (service restart: reconnect, with ``last_seq``, to any instance).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rag_chat import __version__
-from rag_chat.api import openai, rest, sse, ws
-from rag_chat.errors import RagChatError
+from rag_chat.api import documents, openai, rest, sse, ws
+from rag_chat.api.deps import SafeJSONResponse
+from rag_chat.errors import RagChatError, RateLimited
 from rag_chat.services import Services
 from rag_chat.settings import Settings, get_settings
 
@@ -38,6 +50,7 @@ def create_app(
         try:
             yield
         finally:
+            await drain(app)
             await services.aclose()
 
     app = FastAPI(
@@ -45,25 +58,97 @@ def create_app(
         version=__version__,
         summary="Real-time chat that answers questions over your own documents.",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
+    app.state.connections = set()
+    app.state.drained = False
 
     # One error body for every HTTP route; it is also the shape OpenAI clients parse.
-    def error(code: str, message: str, status: int) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"code": code, "message": message, "type": code}}, status_code=status
-        )
+    def error(
+        code: str, message: str, status: int, headers: dict[str, str] | None = None, **extra: object
+    ) -> SafeJSONResponse:
+        body = {"code": code, "message": message, "type": code, **extra}
+        return SafeJSONResponse({"error": body}, status_code=status, headers=headers)
 
     @app.exception_handler(RagChatError)
-    async def _rag_error(request: Request, exc: RagChatError) -> JSONResponse:
-        return error(exc.code, str(exc), exc.status)
+    async def _rag_error(request: Request, exc: RagChatError) -> SafeJSONResponse:
+        if isinstance(exc, RateLimited):
+            return error(
+                exc.code,
+                str(exc),
+                exc.status,
+                {"Retry-After": str(exc.retry_after_s)},
+                retry_after=exc.retry_after,
+            )
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error(exc.code, str(exc), exc.status, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return error("bad_request", f"{loc}: {first['msg']}" if loc else str(first["msg"]), 422)
 
-    for module in (ws, sse, openai, rest):
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return error(code, str(exc.detail), exc.status_code, dict(exc.headers or {}))
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Callable[..., Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    if settings.allowed_origins:
+        wildcard = "*" in settings.allowed_origins
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_credentials=not wildcard,  # cookies never go to "any origin"
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
+
+    for module in (ws, sse, openai, documents, rest):
         app.include_router(module.router)
+    assets = rest.UI_DIST / "assets"
+    if assets.is_dir():  # hashed file names: cacheable for good
+        app.mount("/assets", StaticFiles(directory=assets), name="assets")
     return app
+
+
+async def drain(app: FastAPI, wait_s: float = 5.0) -> None:
+    """End what is in flight with a final event and a proper close code (once)."""
+    if app.state.drained or not hasattr(app.state, "services"):
+        return
+    app.state.drained = True
+    services: Services = app.state.services
+    rooms = services.rooms
+    await rooms.stop_replies("server_shutdown", wait_s)
+    # the final events are in the room logs: let the hub fan them out to this instance's
+    # connections before closing them
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            behind = [
+                room
+                for room, seen in list(rooms.hub.cursors.items())
+                if seen < await rooms.log.last_seq(room)
+            ]
+        except RagChatError:
+            break
+        if not behind:
+            break
+        await asyncio.sleep(0.05)
+    connections: set[ws.Connection] = app.state.connections
+    with contextlib.suppress(Exception):
+        await asyncio.gather(*(c.shutdown(2.0) for c in list(connections)))
+    # let each connection flush and send its close frame
+    deadline = time.monotonic() + 3.0
+    while connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

@@ -191,8 +191,13 @@ class Reply:
     question_id: str | None = None
     _generation: Generation | None = None
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # why it was cancelled, sent in ai.done: "user" (stop), "abandoned" (nobody left to read
+    # it), "server_shutdown"
+    cancel_reason: str | None = None
 
-    async def cancel(self) -> None:
+    async def cancel(self, reason: str = "user") -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
         self._cancelled.set()
         if self._generation is not None:
             await self._generation.cancel()
@@ -257,6 +262,7 @@ class Reply:
                 "type": "ai.done",
                 **base,
                 "finish_reason": finish,
+                **({"cancel_reason": self.cancel_reason} if finish == "cancelled" else {}),
                 "usage": {
                     "prompt_tokens": usage.prompt_tokens,
                     "completion_tokens": usage.completion_tokens,
@@ -277,6 +283,7 @@ class Reply:
                 "type": "ai.done",
                 **base,
                 "finish_reason": "cancelled",
+                "cancel_reason": self.cancel_reason,
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0},
                 "timings": {},
                 "citations": [],

@@ -4,7 +4,13 @@ close codes; ``code`` is the stable string clients see, ``str(exc)`` the one-lin
     RagChatError
      ├── BadRequest            bad_request          (400)
      ├── NotFound              not_found            (404)
- ├── NotJoined             not_joined           (403)
+     ├── NotJoined             not_joined           (403)
+     ├── Unauthorized          unauthorized         (401)
+     ├── Forbidden             forbidden            (403)
+     ├── TooLarge              too_large            (413)
+     ├── RateLimited           rate_limited         (429, with retry_after)
+     │    ├── TooManyReplies   too_many_replies     (429)
+     │    └── TooManyConnections too_many_connections (429)
      ├── LLMError              llm_error            (502)
      │    ├── LLMUnavailable   llm_unavailable      (503)
      │    └── LLMTimeout       llm_timeout          (504)
@@ -33,6 +39,45 @@ class NotFound(RagChatError):
 class NotJoined(RagChatError):
     code = "not_joined"
     status = 403
+
+
+class Unauthorized(RagChatError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(RagChatError):
+    code = "forbidden"
+    status = 403
+
+
+class TooLarge(RagChatError):
+    code = "too_large"
+    status = 413
+
+
+class RateLimited(RagChatError):
+    """A limit was hit; ``retry_after`` (seconds) says when trying again can work."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, retry_after)
+
+    @property
+    def retry_after_s(self) -> int:
+        """Whole seconds, rounded up, for a ``Retry-After`` header."""
+        return max(1, int(-(-self.retry_after // 1)))
+
+
+class TooManyReplies(RateLimited):
+    code = "too_many_replies"
+
+
+class TooManyConnections(RateLimited):
+    code = "too_many_connections"
 
 
 class LLMError(RagChatError):

@@ -10,7 +10,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from rag_chat.auth import Access, AccessStore, Authenticator, LocalAccess, RedisAccess
 from rag_chat.chat import ChatService
+from rag_chat.limits import Limits, LimitStore, LocalLimitStore, RedisLimitStore
 from rag_chat.llm import LLM, build_llm
 from rag_chat.memory import Memory, open_memory
 from rag_chat.metrics import Metrics
@@ -27,6 +29,7 @@ from rag_chat.rooms import (
     Rooms,
 )
 from rag_chat.settings import Settings
+from rag_chat.uploads import JobStore, LocalJobStore, RedisJobStore, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ class Services:
     retriever: Retriever
     chat: ChatService
     rooms: Rooms
+    auth: Authenticator
+    access: Access
+    limits: Limits
+    uploads: Uploads
     metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
@@ -77,14 +84,30 @@ class Services:
         # process alone when memory fell back to in-process
         room_log: RoomLog
         presence: Presence
+        access_store: AccessStore
+        limit_store: LimitStore
+        job_store: JobStore
         if memory.kind == "redis":
             room_log = RedisRoomLog(settings.redis_url, settings.redis_prefix)
             presence = RedisPresence(
                 settings.redis_url, settings.redis_prefix, settings.presence_ttl_seconds
             )
+            access_store = RedisAccess(
+                settings.redis_url, settings.redis_prefix, settings.memory_ttl_seconds
+            )
+            limit_store = RedisLimitStore(settings.redis_url, settings.redis_prefix)
+            job_store = RedisJobStore(settings.redis_url, settings.redis_prefix)
         else:
             local_log = LocalRoomLog()
             room_log, presence = local_log, LocalPresence(local_log)
+            access_store, limit_store, job_store = LocalAccess(), LocalLimitStore(), LocalJobStore()
+        limits = Limits(
+            limit_store,
+            messages_per_minute=settings.rate_limit_per_minute,
+            max_connections=settings.max_connections_per_user,
+            max_replies=settings.max_replies_per_user,
+        )
+        limits.start()
         rooms = Rooms(
             room_log,
             presence,
@@ -93,13 +116,28 @@ class Services:
             presence_ttl_s=settings.presence_ttl_seconds,
             typing_ttl_s=settings.typing_ttl_seconds,
             reply_grace_s=settings.reply_grace_seconds,
+            limits=limits,
         )
         await rooms.start()
-        return cls(settings, llm, memory, retriever, chat, rooms)
+        return cls(
+            settings,
+            llm,
+            memory,
+            retriever,
+            chat,
+            rooms,
+            Authenticator(settings),
+            Access(access_store),
+            limits,
+            Uploads(settings, job_store, embedder),
+        )
 
     async def aclose(self) -> None:
         await self.rooms.stop()
         await self.rooms.log.aclose()
         await self.rooms.presence.aclose()
+        await self.limits.aclose()
+        await self.uploads.aclose()
+        await self.access.store.aclose()
         await self.llm.aclose()
         await self.memory.aclose()

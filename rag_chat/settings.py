@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("data/.rag")
 
@@ -58,11 +59,47 @@ class Settings(BaseSettings):
     top_k: int = Field(default=5, ge=1, le=100)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    jwt_secret: str | None = None
+
+    # --- auth: set RAG_JWT_SECRET (HS256) and/or RAG_JWT_PUBLIC_KEY (RS256: PEM text or a file
+    # path). With neither, the server runs in open development mode: anyone may connect, and
+    # it refuses to bind anything but a loopback address unless RAG_ALLOW_OPEN is true.
+    jwt_secret: str | None = Field(default=None, min_length=32)  # RFC 7518 3.2
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    allow_open: bool = False
+    # browsers' Origin for WebSocket upgrades and CORS: the page's own origin is always
+    # allowed; list others (comma-separated or a JSON list), or "*" for any
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- abuse limits (per user, shared by every instance through Redis)
+    rate_limit_per_minute: int = Field(default=30, ge=0, le=100_000)  # messages; 0: no limit
+    max_connections_per_user: int = Field(default=20, ge=1, le=100_000)
+    max_replies_per_user: int = Field(default=2, ge=1, le=1000)  # AI replies at the same time
+
+    # --- documents added from the browser (POST /api/documents)
+    upload_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1, le=1 << 34)  # per file
+    upload_max_files: int = Field(default=20, ge=1, le=1000)  # per request
 
     def collection_dir(self, collection: str | None = None) -> Path:
         """Where a collection's manifest and keyword index live."""
         return self.data_dir / "collections" / (collection or self.collection)
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key)
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [o.strip().rstrip("/") for o in text.split(",") if o.strip()]
+        return value
 
     @field_validator("collection")
     @classmethod

@@ -9,20 +9,21 @@ unknown fields, so ``completion.sources`` / ``completion.model_extra["sources"]`
 
 from __future__ import annotations
 
-import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from rag_chat.api.deps import Caller, SafeJSONResponse, dumps, principal
 from rag_chat.errors import BadRequest
 from rag_chat.memory import StoredMessage
 from rag_chat.services import Services
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(principal)])
 MODEL_ID = "rag_chat"
 
 
@@ -87,12 +88,19 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 @router.post("/chat/completions", summary="RAG answers in the OpenAI chat-completions format")
-async def chat_completions(body: CompletionIn, request: Request) -> Any:
+async def chat_completions(body: CompletionIn, request: Request, who: Caller) -> Any:
     services: Services = request.app.state.services
     question, history = _split(body.messages)
-    reply = services.chat.start(
-        question, history=history, max_tokens=body.max_completion_tokens or body.max_tokens
-    )
+    limits, lease = services.limits, uuid.uuid4().hex
+    await limits.message(who.limit_key)
+    await limits.reply_started(who.limit_key, lease)
+    try:
+        reply = services.chat.start(
+            question, history=history, max_tokens=body.max_completion_tokens or body.max_tokens
+        )
+    except BaseException:
+        await limits.reply_finished(who.limit_key, lease)
+        raise
     created = int(time.time())
     cid = f"chatcmpl-{reply.message_id}"
     base = {"id": cid, "created": created, "model": body.model}
@@ -101,16 +109,20 @@ async def chat_completions(body: CompletionIn, request: Request) -> Any:
         text: list[str] = []
         sources: list[dict[str, Any]] = []
         done: dict[str, Any] = {}
-        async for event in reply.events():
-            services.metrics.observe("openai", event)
-            if event["type"] == "ai.sources":
-                sources = event["chunks"]
-            elif event["type"] == "ai.token":
-                text.append(event["delta"])
-            elif event["type"] == "ai.done":
-                done = event
-            elif event["type"] == "error":
-                return _error(event)
+        try:
+            async for event in reply.events():
+                services.metrics.observe("openai", event)
+                if event["type"] == "ai.sources":
+                    sources = event["chunks"]
+                elif event["type"] == "ai.token":
+                    text.append(event["delta"])
+                elif event["type"] == "ai.done":
+                    done = event
+                elif event["type"] == "error":
+                    return _error(event)
+        finally:
+            await reply.cancel()  # a no-op when it finished; stops it when the client left
+            await limits.reply_finished(who.limit_key, lease)
         usage = done.get("usage", {})
         return {
             **base,
@@ -162,6 +174,7 @@ async def chat_completions(body: CompletionIn, request: Request) -> Any:
             yield "data: [DONE]\n\n"
         finally:
             await reply.cancel()  # client gone mid-stream: stop the generation
+            await limits.reply_finished(who.limit_key, lease)
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -173,7 +186,7 @@ def _choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
 
 
 def _data(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {dumps(obj)}\n\n"
 
 
 def _finish(reason: Any) -> str:
@@ -185,11 +198,11 @@ def _usage(usage: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _error(event: dict[str, Any]) -> JSONResponse:
+def _error(event: dict[str, Any]) -> SafeJSONResponse:
     status = {"llm_unavailable": 503, "llm_timeout": 504, "bad_request": 400}.get(
         event["code"], 502
     )
-    return JSONResponse(
+    return SafeJSONResponse(
         {"error": {"message": event["message"], "type": event["code"], "code": event["code"]}},
         status_code=status,
     )

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from rag_chat.api.deps import Caller, SafeJSONResponse, client_host, principal
+from rag_chat.auth import COOKIE
 from rag_chat.errors import NotFound, RagChatError
 from rag_chat.services import Services
 
@@ -26,10 +29,89 @@ def _services(request: Request) -> Services:
     return services
 
 
+# --- auth ---
+
+
+class AuthState(BaseModel):
+    mode: Literal["open", "jwt"]
+    user: str | None
+
+
+class SessionIn(BaseModel):
+    token: str = Field(min_length=1, max_length=8192)
+
+
+class SessionOut(BaseModel):
+    user: str
+    expires_at: float | None
+
+
+@router.get("/api/auth", tags=["auth"], response_model=AuthState)
+async def auth_state(request: Request) -> AuthState:
+    """Whether this server needs a token, and who the caller is (null: not signed in)."""
+    s = _services(request)
+    if not s.auth.required:
+        return AuthState(mode="open", user=None)
+    try:
+        who = await principal(request)
+    except RagChatError:
+        return AuthState(mode="jwt", user=None)
+    return AuthState(mode="jwt", user=who.user)
+
+
+@router.post("/api/auth/session", tags=["auth"], response_model=SessionOut)
+async def sign_in(body: SessionIn, request: Request, response: Response) -> SessionOut:
+    """Check a token and keep it in an HttpOnly, SameSite=Strict cookie for this browser."""
+    who = _services(request).auth.verify(body.token, client_host(request))
+    max_age = None if who.expires_at is None else max(1, int(who.expires_at - time.time()))
+    response.set_cookie(
+        COOKIE,
+        body.token,
+        max_age=max_age,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return SessionOut(user=who.user, expires_at=who.expires_at)
+
+
+@router.delete("/api/auth/session", tags=["auth"], status_code=204)
+async def sign_out() -> Response:
+    response = Response(status_code=204)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+# --- conversations ---
+
+
+class ConversationOut(BaseModel):
+    id: str
+    title: str
+    updated_at: float
+
+
+class ConversationsOut(BaseModel):
+    conversations: list[ConversationOut]
+
+
+@router.get("/api/conversations", tags=["conversations"], response_model=ConversationsOut)
+async def list_conversations(request: Request, who: Caller) -> ConversationsOut:
+    """The caller's private conversations, most recently active first."""
+    rows = await _services(request).access.store.conversations(who.owner, 100)
+    return ConversationsOut(conversations=[ConversationOut(**r) for r in rows])
+
+
 @router.get("/api/conversations/{conversation_id}/messages", tags=["conversations"])
-async def get_messages(conversation_id: ConversationId, request: Request) -> dict[str, Any]:
-    """A conversation's stored messages, oldest first (assistant turns carry their sources)."""
-    messages = await _services(request).memory.history(conversation_id)
+async def get_messages(
+    conversation_id: ConversationId, request: Request, who: Caller
+) -> dict[str, Any]:
+    """A conversation's stored messages, oldest first (assistant turns carry their sources).
+    Someone else's private conversation is 404, like one that does not exist."""
+    s = _services(request)
+    await s.access.read(who, conversation_id)
+    messages = await s.memory.history(conversation_id)
     if not messages:
         raise NotFound(f"no conversation {conversation_id!r}")
     return {"conversation_id": conversation_id, "messages": messages}
@@ -38,8 +120,12 @@ async def get_messages(conversation_id: ConversationId, request: Request) -> dic
 @router.delete(
     "/api/conversations/{conversation_id}/messages", status_code=204, tags=["conversations"]
 )
-async def delete_messages(conversation_id: ConversationId, request: Request) -> Response:
-    if not await _services(request).memory.delete(conversation_id):
+async def delete_messages(
+    conversation_id: ConversationId, request: Request, who: Caller
+) -> Response:
+    s = _services(request)
+    await s.access.delete(who, conversation_id)
+    if not await s.memory.delete(conversation_id):
         raise NotFound(f"no conversation {conversation_id!r}")
     return Response(status_code=204)
 
@@ -68,7 +154,12 @@ class SearchOut(BaseModel):
     results: list[SearchHit]
 
 
-@router.post("/api/search", tags=["retrieval"], response_model=SearchOut)
+@router.post(
+    "/api/search",
+    tags=["retrieval"],
+    response_model=SearchOut,
+    dependencies=[Depends(principal)],
+)
 async def search(body: SearchIn, request: Request) -> SearchOut:
     """Retrieval alone: the ranked chunks for a query, best first."""
     retriever = _services(request).retriever
@@ -97,13 +188,26 @@ def _str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-_INDEX = Path(__file__).resolve().parent.parent / "static" / "index.html"
+# the React UI built by `make run` (npm run build); the bare protocol page when it is not built
+UI_DIST = Path(__file__).resolve().parents[2] / "frontend" / "dist"
+_FALLBACK = Path(__file__).resolve().parent.parent / "static" / "index.html"
+UI_CSP = (
+    "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; "
+    "script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+    "form-action 'self'"
+)
 
 
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
-    """A minimal browser client of the WebSocket protocol."""
-    return FileResponse(_INDEX, media_type="text/html")
+    """The browser UI. Its own scripts only (a strict CSP): no markup from a model or a
+    document can run even if it got into the page."""
+    built = UI_DIST / "index.html"
+    page = built if built.is_file() else _FALLBACK
+    headers = {"Cache-Control": "no-cache"}
+    if page is built:
+        headers["Content-Security-Policy"] = UI_CSP
+    return FileResponse(page, media_type="text/html", headers=headers)
 
 
 @router.get("/healthz", tags=["ops"])
@@ -113,7 +217,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["ops"])
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> SafeJSONResponse:
     """Ready: Redis (or the in-process store), the vector store and the LLM all answer."""
     s = _services(request)
     checks: dict[str, Any] = {}
@@ -140,7 +244,7 @@ async def readyz(request: Request) -> JSONResponse:
         check("memory", memory()), check("vector_store", store()), check("llm", llm())
     )
     ready = all(c["ok"] for c in checks.values())
-    return JSONResponse(
+    return SafeJSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks},
         status_code=200 if ready else 503,
     )

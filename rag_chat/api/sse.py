@@ -13,7 +13,6 @@ the answer keeps running for a grace period (15 s), then it is cancelled.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,6 +21,7 @@ from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
+from rag_chat.api.deps import Caller, dumps
 from rag_chat.errors import BadRequest
 from rag_chat.rooms import Member
 from rag_chat.rooms.log import Event
@@ -54,6 +54,7 @@ class ChatIn(BaseModel):
 async def chat_sse(
     body: ChatIn,
     request: Request,
+    who: Caller,
     last_event_id: str | None = Header(default=None, description="resume after this seq"),
 ) -> EventSourceResponse:
     services: Services = request.app.state.services
@@ -66,12 +67,18 @@ async def chat_sse(
             raise BadRequest("resuming with Last-Event-ID needs the conversation_id")
         resume = int(last_event_id)
     room = body.conversation_id or uuid.uuid4().hex
-    member = Member(uuid.uuid4().hex, "sse")
+    # only the owner may continue or resume a conversation (anyone else: 404)
+    await services.access.private(who, room, body.message)
+    member = Member(uuid.uuid4().hex, who.user if who.authenticated else "sse", who.limit_key)
     queue: asyncio.Queue[Event] = asyncio.Queue()
     await rooms.join(member, room, resume, queue.put_nowait)
     await queue.get()  # the `joined` event: not part of the SSE stream
     if resume is None:
-        msg = await rooms.post(member, room, body.message, client_id=body.client_id, ai=True)
+        try:
+            msg = await rooms.post(member, room, body.message, client_id=body.client_id, ai=True)
+        except BaseException:
+            await rooms.leave(member, room)
+            raise
         if msg is None:  # a re-send of a message already taken: follow what is streaming
             resume = await rooms.log.last_seq(room)
 
@@ -82,7 +89,7 @@ async def chat_sse(
             while True:
                 event = await queue.get()
                 services.metrics.observe("sse", event)
-                yield {"event": event["type"], "id": str(event["seq"]), "data": json.dumps(event)}
+                yield {"event": event["type"], "id": str(event["seq"]), "data": dumps(event)}
                 if event["type"] == "ai.start" and reply_id is None:
                     reply_id = event["message_id"]
                 if event["type"] in ("ai.done", "error") and (

@@ -7,6 +7,7 @@ response, and servers stop generating when their client disconnects.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,9 @@ from rag_chat.llm.base import FinishReason, Generation, Message
 DEFAULT_CONTEXT_WINDOW = 8192
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
+# the longest wait for the next bytes of an answer (the headers, then each chunk), unless the
+# constructor is given one
+READ_TIMEOUT_ENV = "RAG_LLM_READ_TIMEOUT_SECONDS"
 CHECK_TIMEOUT_S = 5.0
 MAX_RETRIES = 2
 # how long cancel() waits for the pump to close the connection
@@ -34,14 +38,16 @@ class OpenAICompatLLM:
         *,
         context_window: int = DEFAULT_CONTEXT_WINDOW,
         max_retries: int = MAX_RETRIES,
+        read_timeout: float | None = None,
     ) -> None:
         self.base_url = base_url
         self.context_window = context_window
         self._model = model
+        self.read_timeout = read_timeout if read_timeout is not None else _env_read_timeout()
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key,
-            timeout=openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            timeout=openai.Timeout(self.read_timeout, connect=CONNECT_TIMEOUT_S),
             max_retries=max_retries,
         )
         # servers that reject stream_options get one retry without it, then never again
@@ -103,6 +109,19 @@ class OpenAICompatLLM:
         if isinstance(exc, openai.APIStatusError):
             return LLMError(f"{where} answered {exc.status_code}: {_status_detail(exc)}")
         return LLMError(f"{where} failed: {_short(exc)}")
+
+
+def _env_read_timeout() -> float:
+    raw = os.environ.get(READ_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return READ_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{READ_TIMEOUT_ENV} must be a number of seconds, not {raw!r}") from None
+    if not 0 < value <= 3600:
+        raise ValueError(f"{READ_TIMEOUT_ENV} must be more than 0 and at most 3600 seconds")
+    return value
 
 
 def _first_model(models: list[Any], base_url: str) -> str:

@@ -2,11 +2,16 @@
 
 Redis: the hash ``{prefix}room:{room}:members`` maps a connection id to ``{user, expires}``.
 Every operation is one Lua script that, atomically: drops expired entries, applies the add,
-remove or refresh (a refresh only extends entries that still exist, so a connection that left
-meanwhile is not brought back), and appends the ``presence`` join/leave events it implies to
-the room's log, with the same seq counter as every other room event. So a user hopping between
-instances yields exactly one join and one leave, and a crashed instance's users get their leave
-from whichever operation first sees their entries expired.
+remove or refresh, and appends the ``presence`` join/leave events it implies to the room's log,
+with the same seq counter as every other room event. So a user hopping between instances yields
+exactly one join and one leave, and a crashed instance's users get their leave from whichever
+operation first sees their entries expired.
+
+A refresh extends its instance's entries and puts back those that are gone although their
+connections are still open (Redis was down or restarted for longer than the TTL, or lost the
+key): silently when the user's stale entry was still there (nobody was told they left), with a
+join event when their leave was already announced. The caller removes again any connection
+that left while its refresh was on the way (:meth:`Rooms._refresh_presence`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ Members = list[dict[str, Any]]  # [{"user": "alice", "connections": 2}, ...] sor
 _PRESENCE = """
 local op, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local raw = redis.call('HGETALL', KEYS[1])
-local live, before_any, before_live = {}, {}, {}
+local live, before_any, before_live, restored = {}, {}, {}, {}
 for i = 1, #raw, 2 do
   local e = cjson.decode(raw[i + 1])
   before_any[e.user] = true
@@ -47,12 +52,15 @@ elseif op == 'remove' then
   live[ARGV[7]] = nil
   redis.call('HDEL', KEYS[1], ARGV[7])
 elseif op == 'refresh' then
-  for i = 7, #ARGV do
+  for i = 7, #ARGV, 2 do
     local e = live[ARGV[i]]
-    if e then
-      e.expires = now + ttl
-      redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(e))
+    if not e then
+      e = {user = ARGV[i + 1]}
+      live[ARGV[i]] = e
+      if not before_any[e.user] then restored[e.user] = true end
     end
+    e.expires = now + ttl
+    redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(e))
   end
 end
 redis.call('EXPIRE', KEYS[1], math.ceil(ttl * 4) + 1)
@@ -76,6 +84,10 @@ local function announce(action, user)
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
 if op == 'add' and not before_live[ARGV[6]] then announce('join', ARGV[6]) end
+local back = {}
+for u, _ in pairs(restored) do table.insert(back, u) end
+table.sort(back)
+for _, u in ipairs(back) do announce('join', u) end
 local left = {}
 for u, _ in pairs(before_any) do if not counts[u] then table.insert(left, u) end end
 table.sort(left)
@@ -129,7 +141,9 @@ class RedisPresence:
         return await self._run("read", room)
 
     async def refresh(self, room: str, conns: dict[str, str]) -> Members:
-        return await self._run("refresh", room, "", *conns)
+        """Extend the entries of ``conns`` ({conn: user}); put back those that are gone."""
+        pairs = [x for conn, user in conns.items() for x in (conn, user)]
+        return await self._run("refresh", room, "", *pairs)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -19,7 +19,6 @@ replays exactly what it missed, including the rest of an answer still streaming.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 from rag_chat.chat import ChatService, Reply
 from rag_chat.errors import BadRequest, MemoryUnavailable, NotJoined
+from rag_chat.limits import Limits
 from rag_chat.memory import Memory
 from rag_chat.rooms.hub import RoomHub, Subscription
 from rag_chat.rooms.log import Event, RoomLog
@@ -56,6 +56,12 @@ def check_room(room: object) -> str:
 class Member:
     conn: str
     user: str
+    # whose limits this member spends (rag_chat.limits); the user name when empty
+    key: str = ""
+
+    @property
+    def limit_key(self) -> str:
+        return self.key or f"user:{self.user}"
 
 
 class Rooms:
@@ -69,7 +75,9 @@ class Rooms:
         presence_ttl_s: float = PRESENCE_TTL_S,
         typing_ttl_s: float = TYPING_TTL_S,
         reply_grace_s: float = PRIVATE_GRACE_S,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits
         self.presence_ttl_s = presence_ttl_s
         self.typing_ttl_s = typing_ttl_s
         self.reply_grace_s = reply_grace_s
@@ -95,12 +103,16 @@ class Rooms:
         self.hub.start()
         self._refresher = asyncio.create_task(self._refresh_presence(), name="presence")
 
-    async def stop(self) -> None:
+    async def stop_replies(self, reason: str = "server_shutdown", wait_s: float = 5) -> None:
+        """Cancel every reply running here; each ends with its final event in its room."""
         for reply in list(self.replies.values()):
-            await reply.cancel()
-        for task in list(self._reply_tasks):
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(task, 5)
+            await reply.cancel(reason)
+        tasks = list(self._reply_tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=wait_s)
+
+    async def stop(self) -> None:
+        await self.stop_replies()
         if self._refresher is not None:
             self._refresher.cancel()
         await self.hub.stop()
@@ -184,16 +196,45 @@ class Rooms:
     async def post(
         self, member: Member, room: str, text: str, *, client_id: str | None, ai: bool
     ) -> Event | None:
-        """Append a message; None when ``client_id`` was seen before (a re-send)."""
+        """Append a message; None when ``client_id`` was seen before (a re-send).
+
+        Limits are checked before anything is written, so a refused message leaves no trace
+        (its ``client_id`` is not taken) and can simply be sent again after ``retry_after``."""
         check_room(room)
+        ask = ai or bool(_AI_MENTION.search(text))
+        msg_id = uuid.uuid4().hex
+        who = member.limit_key
+        if self.limits is not None:
+            await self.limits.message(who)
+            if ask:
+                await self.limits.reply_started(who, msg_id)
+        try:
+            msg = await self._append_message(member, room, text, msg_id, client_id, ask)
+        except BaseException:
+            if ask and self.limits is not None:
+                await self.limits.reply_finished(who, msg_id)
+            raise
+        if msg is None:
+            if ask and self.limits is not None:
+                await self.limits.reply_finished(who, msg_id)
+            return None
+        if ask:
+            question = _AI_MENTION.sub(" ", text).strip() or text
+            reply = self.chat.start(question, room, question_id=msg["id"])
+            self.replies[reply.message_id] = reply
+            self._spawn(self._run_reply(room, reply, msg["id"], who))
+        return msg
+
+    async def _append_message(
+        self, member: Member, room: str, text: str, msg_id: str, client_id: str | None, ask: bool
+    ) -> Event | None:
         if client_id and not await self.log.claim(room, client_id, CLIENT_ID_TTL_S):
             return None
-        ask = ai or bool(_AI_MENTION.search(text))
         msg = await self.log.append(
             room,
             {
                 "type": "message",
-                "id": uuid.uuid4().hex,
+                "id": msg_id,
                 "user": member.user,
                 "text": text,
                 "client_id": client_id,
@@ -214,11 +255,6 @@ class Rooms:
             )
         except MemoryUnavailable as exc:
             log.warning("message %s not kept in history: %s", msg["id"], exc)
-        if ask:
-            question = _AI_MENTION.sub(" ", text).strip() or text
-            reply = self.chat.start(question, room, question_id=msg["id"])
-            self.replies[reply.message_id] = reply
-            self._spawn(self._run_reply(room, reply, msg["id"]))
         return msg
 
     async def cancel(self, member: Member, room: str, message_id: str) -> None:
@@ -232,7 +268,7 @@ class Rooms:
         if reply is not None and reply.conversation_id == room:
             await reply.cancel()
 
-    async def _run_reply(self, room: str, reply: Reply, reply_to: str) -> None:
+    async def _run_reply(self, room: str, reply: Reply, reply_to: str, who: str = "") -> None:
         def watch(event: Event) -> None:
             if event.get("type") == "ai.cancel" and event.get("message_id") == reply.message_id:
                 self._spawn(reply.cancel())
@@ -249,6 +285,8 @@ class Rooms:
             watchdog.cancel()
             self.hub.unsubscribe(watcher)
             self.replies.pop(reply.message_id, None)
+            if self.limits is not None and who:
+                await self.limits.reply_finished(who, reply_to)
 
     async def _watchdog(self, room: str, reply: Reply) -> None:
         empty_since: float | None = None
@@ -264,7 +302,7 @@ class Rooms:
                 empty_since = time.monotonic()
             elif time.monotonic() - empty_since >= self.reply_grace_s:
                 log.info("reply %s cancelled: nobody in %s", reply.message_id, room)
-                await reply.cancel()
+                await reply.cancel("abandoned")
                 return
 
     # --- typing ---
@@ -302,8 +340,15 @@ class Rooms:
         while True:
             await asyncio.sleep(self.presence_ttl_s / 3)
             for room, conns in list(self._local.items()):
+                sent = dict(conns)
                 try:
-                    # also announces the users of a crashed instance as gone
-                    await self.presence.refresh(room, dict(conns))
+                    # also announces the users of a crashed instance as gone, and puts back the
+                    # entries of open connections that Redis lost (down longer than the TTL)
+                    await self.presence.refresh(room, sent)
+                    # one that left while the refresh was on its way may be back: remove it
+                    for conn in sent.keys() - self._local.get(room, {}).keys():
+                        await self.presence.remove(room, conn)
                 except MemoryUnavailable as exc:
                     log.warning("presence refresh failed: %s", exc)
+                except Exception:  # the refresher must outlive any one failure
+                    log.exception("presence refresh of %s failed", room)

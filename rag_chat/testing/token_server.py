@@ -8,7 +8,8 @@ max_tokens)`` tokens, token ``i`` being ``f"t{i} "`` (:func:`token_text` gives t
 sent at ``rate`` tokens per second (0: as fast as possible); ``finish_reason`` is ``"length"``
 when ``max_tokens < tokens``, else ``"stop"``. A request may override the server's ``tokens``
 and ``rate`` with ``[[tokens=N rate=R]]`` (either key) in its last message: one long, slow
-answer from a server set up for short, fast ones.
+answer from a server set up for short, fast ones. ``delay=S`` in the same brackets holds the
+response (its status line and headers too) for S seconds: a backend that does not answer.
 
 A client that disconnects stops the production at once (the stream is cancelled, not drained),
 which ``GET /stats`` proves: ``{"requests", "tokens_sent", "active", "cancelled", "completed"}``
@@ -31,7 +32,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -45,7 +46,7 @@ MAX_TOKENS = 1_000_000  # the most tokens one answer may have
 FAST_BATCH = 64  # tokens per write at rate 0 (the loop is yielded to between writes)
 MIN_SLEEP_S = 0.001
 RECENT = 1024  # requests kept for ``/stats?recent=K``
-_OVERRIDE = re.compile(r"\[\[((?:\s*(?:tokens|rate)=[0-9.]+)+)\s*\]\]")
+_OVERRIDE = re.compile(r"\[\[((?:\s*(?:tokens|rate|delay)=[0-9.]+)+)\s*\]\]")
 
 State = Literal["active", "done", "cancelled"]
 
@@ -65,7 +66,8 @@ def token_text(n: int) -> str:
 
 
 def parse_overrides(text: str) -> dict[str, float]:
-    """``{"tokens": N, "rate": R}`` from the last ``[[tokens=N rate=R]]`` in ``text``."""
+    """``{"tokens": N, "rate": R, "delay": S}`` from the last ``[[tokens=N rate=R delay=S]]``
+    in ``text`` (any of the keys)."""
     found: dict[str, float] = {}
     matches = _OVERRIDE.findall(text)
     if matches:
@@ -83,6 +85,7 @@ class Record:
     planned: int
     max_tokens: int | None
     rate: float
+    delay: float = 0.0
     sent: int = 0
     state: State = "active"
 
@@ -147,7 +150,7 @@ class _Completion(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stats, record = self.stats, self.record
         stats.active += 1
-        produce = self._stream(send) if record.stream else self._whole(send)
+        produce = self._delayed(self._stream(send) if record.stream else self._whole(send))
         producer = asyncio.ensure_future(produce)
         watcher = asyncio.ensure_future(_until_disconnect(receive))
         try:
@@ -169,6 +172,15 @@ class _Completion(Response):
         # failing producer is: let the server log it
         if not producer.cancelled() and (error := producer.exception()) is not None:
             raise error
+
+    async def _delayed(self, produce: Coroutine[Any, Any, None]) -> None:
+        try:
+            if self.record.delay > 0:
+                await asyncio.sleep(self.record.delay)
+        except BaseException:
+            produce.close()  # never started: no "never awaited" warning
+            raise
+        await produce
 
     def _usage(self) -> dict[str, int]:
         sent = self.record.sent
@@ -303,6 +315,7 @@ def create_app(tokens: int = 64, rate: float = 0.0, model: str = "token-server")
             planned=planned,
             max_tokens=limit,
             rate=max(0.0, overrides.get("rate", rate)),
+            delay=max(0.0, overrides.get("delay", 0.0)),
         )
         stats.requests += 1
         stats.recent.append(record)

@@ -136,6 +136,11 @@ def server_env(data_dir: Path, prefix: str, llm_url: str, **extra: str) -> dict[
         "RAG_LLM_BASE_URL": llm_url,
         "RAG_PRESENCE_TTL_SECONDS": str(PRESENCE_TTL_S),
         "RAG_TYPING_TTL_SECONDS": str(TYPING_TTL_S),
+        # every client here is 127.0.0.1, one "user" for the open-mode rate limit: these
+        # tests are about ordering and fan-out (tests/api/test_abuse.py covers the limit)
+        "RAG_RATE_LIMIT_PER_MINUTE": "0",
+        "RAG_MAX_REPLIES_PER_USER": "1000",
+        "RAG_MAX_CONNECTIONS_PER_USER": "100000",
         **extra,
     }
 

@@ -1,0 +1,55 @@
+"""What every HTTP route shares: the caller's identity, and JSON that never carries live HTML.
+
+JSON from this server escapes ``<``, ``>`` and ``&`` as ``\\u003c``, ``\\u003e``, ``\\u0026``:
+the same values to any JSON parser, but a model's or a document's ``<script>`` can never
+become markup if a response is ever rendered or sniffed as HTML.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
+
+from rag_chat.auth import COOKIE, Principal, anonymous, bearer
+from rag_chat.services import Services
+
+_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_ESCAPES)
+
+
+class SafeJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("utf-8")
+
+
+def services_of(conn: HTTPConnection) -> Services:
+    services: Services = conn.app.state.services
+    return services
+
+
+def client_host(conn: HTTPConnection) -> str:
+    return conn.client.host if conn.client else ""
+
+
+def credential(conn: HTTPConnection) -> str | None:
+    """A bearer token from the Authorization header, else the session cookie."""
+    return bearer(conn.headers.get("authorization")) or conn.cookies.get(COOKIE) or None
+
+
+async def principal(request: Request) -> Principal:
+    """The caller. In open development mode everyone is anonymous; otherwise a valid token
+    is required (401 ``unauthorized`` with a one-line reason)."""
+    auth = services_of(request).auth
+    if not auth.required:
+        return anonymous(client=client_host(request))
+    return auth.verify(credential(request), client_host(request))
+
+
+Caller = Annotated[Principal, Depends(principal)]

@@ -1,0 +1,102 @@
+"""``POST /api/documents``: add documents from the browser; ``GET /api/documents/jobs/{id}``:
+how their ingest is going. See rag_chat.uploads."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import Path as PathParam
+from pydantic import BaseModel
+
+from rag_chat.api.deps import Caller, services_of
+from rag_chat.errors import BadRequest, TooLarge
+
+router = APIRouter(prefix="/api/documents", tags=["documents"])
+CHUNK = 1 << 20
+
+
+class FileOut(BaseModel):
+    name: str
+    state: str
+    chunks: int | None = None
+    error: str | None = None
+
+
+class JobOut(BaseModel):
+    job_id: str
+    state: str
+    total: int
+    done: int
+    files: list[FileOut]
+    message: str | None = None
+
+
+class UploadOut(BaseModel):
+    job_id: str
+    files: list[str]
+
+
+def _save(upload: UploadFile, target: Path, limit: int) -> None:
+    """Copy in blocks, stopping at the limit (the declared size can lie)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.part")
+    written = 0
+    with tmp.open("wb") as out:
+        upload.file.seek(0)
+        while block := upload.file.read(CHUNK):
+            written += len(block)
+            if written > limit:
+                out.close()
+                tmp.unlink(missing_ok=True)
+                raise TooLarge(f"{upload.filename!r} is over the limit of {limit:,} bytes")
+            out.write(block)
+    tmp.replace(target)
+
+
+@router.post("", status_code=202, response_model=UploadOut)
+async def upload_documents(
+    request: Request,
+    who: Caller,
+    files: Annotated[list[UploadFile], File(description="one or more documents")],
+) -> UploadOut:
+    """Store the files and ingest them in the background; poll the job for progress."""
+    services = services_of(request)
+    uploads = services.uploads
+    settings = services.settings
+    if not files:
+        raise BadRequest("no files: send them as multipart/form-data fields named 'files'")
+    if len(files) > settings.upload_max_files:
+        raise BadRequest(f"{len(files)} files; at most {settings.upload_max_files} per upload")
+    names: list[str] = []
+    for f in files:  # every file is checked before any is kept: all or nothing
+        name = uploads.check(f.filename or "", f.size)
+        if name in names:
+            raise BadRequest(f"{name!r} is twice in this upload")
+        names.append(name)
+    folder = uploads.folder(who.owner)
+    saved: list[tuple[str, Path]] = []
+    try:
+        for f, name in zip(files, names, strict=True):
+            target = folder / name
+            await asyncio.to_thread(_save, f, target, settings.upload_max_bytes)
+            saved.append((name, target))
+    except BaseException:
+        for _, path in saved:
+            await asyncio.to_thread(path.unlink, True)
+        raise
+    job = await uploads.submit(who.owner, saved)
+    return UploadOut(job_id=job.job_id, files=names)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+async def upload_job(
+    request: Request,
+    who: Caller,
+    job_id: Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")],
+) -> dict[str, Any]:
+    """Progress of an upload: the job's state and each file's (chunks, or the error)."""
+    job = await services_of(request).uploads.job(who.owner, job_id)
+    return job.view()

@@ -1,0 +1,265 @@
+"""Documents added from the browser: saved under ``RAG_DATA_DIR/uploads/<user>/`` and ingested
+by the same pipeline as ``python -m ingest``, one job per upload, with progress per file.
+
+::
+
+    POST /api/documents (files) ──► check each (type, size, name) ──► save ──► Job (queued)
+    job runner (one at a time per instance; the ingest lock also serialises with the CLI and
+    other instances) ──► Pipeline.run([file]) in a worker thread, file by file ──► the job's
+    state after each file (Redis, so any instance can answer GET /api/documents/jobs/{id})
+
+The retriever sees the new chunks at once: Chroma is shared, and the keyword index is reloaded
+when the pipeline swaps in the rebuilt one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from rag_chat.errors import BadRequest, MemoryUnavailable, NotFound, RagChatError
+from rag_chat.retrieval.embedder import Embedder
+from rag_chat.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOB_TTL_S = 24 * 3600
+BUSY_RETRY_S = 1.0
+BUSY_WAIT_S = 600.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+class UnsupportedType(RagChatError):
+    code = "unsupported_type"
+    status = 415
+
+
+def safe_name(name: str) -> str:
+    """A file name that cannot climb out of its folder or hide: the last path part, odd
+    characters replaced, no leading dots, at most 120 characters (the suffix kept)."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _UNSAFE.sub("_", base).strip(" .")
+    if not base:
+        raise BadRequest(f"file name {name[:80]!r} has no usable characters")
+    stem, dot, suffix = base.rpartition(".")
+    if dot and len(base) > 120:
+        base = stem[: 119 - len(suffix)] + "." + suffix
+    return base[:120]
+
+
+def owner_dir(owner: str) -> str:
+    """A folder name for a user: readable and unique (a short hash of the exact name)."""
+    readable = _UNSAFE.sub("_", owner).strip(" .")[:40] or "user"
+    return f"{readable}-{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class FileState:
+    name: str
+    state: str = "queued"  # queued, running, done, failed
+    chunks: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    job_id: str
+    owner: str
+    files: list[FileState]
+    state: str = "queued"  # queued, running, done, failed
+    message: str | None = None
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def done(self) -> int:
+        return sum(f.state in ("done", "failed") for f in self.files)
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "total": len(self.files),
+            "done": self.done,
+            "files": [{k: v for k, v in asdict(f).items() if v is not None} for f in self.files],
+            "message": self.message,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        raw = json.loads(text)
+        raw["files"] = [FileState(**f) for f in raw["files"]]
+        return cls(**raw)
+
+
+class JobStore(Protocol):
+    async def put(self, job: Job) -> None: ...
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RedisJobStore:
+    def __init__(self, url: str, prefix: str) -> None:
+        self._redis: Any = Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
+        )
+        self.prefix = f"{prefix}job:"
+
+    async def put(self, job: Job) -> None:
+        try:
+            await self._redis.set(self.prefix + job.job_id, job.to_json(), ex=JOB_TTL_S)
+        except (RedisError, OSError) as exc:
+            raise MemoryUnavailable(f"Redis is not reachable for upload jobs ({exc})") from exc
+
+    async def get(self, job_id: str) -> Job | None:
+        try:
+            text = await self._redis.get(self.prefix + job_id)
+        except (RedisError, OSError) as exc:
+            raise MemoryUnavailable(f"Redis is not reachable for upload jobs ({exc})") from exc
+        return Job.from_json(text) if text else None
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+class LocalJobStore:
+    def __init__(self) -> None:
+        self._jobs: dict[str, str] = {}
+
+    async def put(self, job: Job) -> None:
+        self._jobs[job.job_id] = job.to_json()
+
+    async def get(self, job_id: str) -> Job | None:
+        text = self._jobs.get(job_id)
+        return Job.from_json(text) if text else None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Uploads:
+    def __init__(self, settings: Settings, store: JobStore, embedder: Embedder) -> None:
+        self.settings = settings
+        self.store = store
+        self.embedder = embedder
+        self.root = settings.data_dir / "uploads"
+        self._queue: asyncio.Queue[tuple[Job, list[Path]]] = asyncio.Queue()
+        self._runner: asyncio.Task[None] | None = None
+        self._pipeline: Any = None
+
+    def check(self, name: str, size: int | None) -> str:
+        """The name to store it under; a clear error for what cannot be ingested."""
+        from ingest.loaders import SUPPORTED
+
+        safe = safe_name(name)
+        suffix = Path(safe).suffix.lower()
+        if suffix not in SUPPORTED:
+            kinds = ", ".join(sorted(SUPPORTED))
+            raise UnsupportedType(
+                f"{name[:80]!r}: {suffix or 'no extension'} files cannot be ingested; "
+                f"supported: {kinds}"
+            )
+        limit = self.settings.upload_max_bytes
+        if size is not None and size > limit:
+            from rag_chat.errors import TooLarge
+
+            raise TooLarge(f"{name[:80]!r} is {size:,} bytes; the limit is {limit:,} bytes")
+        return safe
+
+    def folder(self, owner: str) -> Path:
+        return self.root / owner_dir(owner)
+
+    async def submit(self, owner: str, files: list[tuple[str, Path]]) -> Job:
+        """Queue already-saved files (name shown, path on disk) for ingest."""
+        job = Job(uuid.uuid4().hex, owner, [FileState(name) for name, _ in files])
+        await self.store.put(job)
+        self._queue.put_nowait((job, [p for _, p in files]))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name="upload-jobs")
+        return job
+
+    async def job(self, owner: str, job_id: str) -> Job:
+        job = await self.store.get(job_id)
+        if job is None or job.owner != owner:
+            raise NotFound(f"no upload job {job_id!r}")
+        return job
+
+    async def _run(self) -> None:
+        while not self._queue.empty():
+            job, paths = self._queue.get_nowait()
+            try:
+                await self._ingest(job, paths)
+            except Exception as exc:  # a job must never kill the runner
+                log.exception("upload job %s failed", job.job_id)
+                job.state, job.message = "failed", f"ingest failed: {exc}"
+                with contextlib.suppress(RagChatError):
+                    await self.store.put(job)
+
+    def _make_pipeline(self) -> Any:
+        from ingest.pipeline import Pipeline
+
+        if self._pipeline is None:
+            self._pipeline = Pipeline(
+                self.settings,
+                embedder=self.embedder,
+                progress=False,
+                log=lambda line: log.info("upload ingest: %s", line),
+                display_root=self.settings.data_dir,
+            )
+        return self._pipeline
+
+    async def _ingest(self, job: Job, paths: list[Path]) -> None:
+        from ingest.pipeline import IngestBusy
+
+        job.state = "running"
+        await self.store.put(job)
+        pipeline = await asyncio.to_thread(self._make_pipeline)
+        for state, path in zip(job.files, paths, strict=True):
+            state.state = "running"
+            await self.store.put(job)
+            deadline = time.monotonic() + BUSY_WAIT_S
+            while True:
+                try:
+                    report = await asyncio.to_thread(pipeline.run, [path], prune=False)
+                    break
+                except IngestBusy:  # the CLI or another instance is ingesting: wait our turn
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(BUSY_RETRY_S)
+            if report.errors:
+                state.state, state.error = "failed", "; ".join(m for _, m in report.errors)[:500]
+            else:
+                state.state = "done"
+                state.chunks = report.chunks_added + report.chunks_kept
+            await self.store.put(job)
+        failed = sum(f.state == "failed" for f in job.files)
+        job.state = "failed" if failed == len(job.files) else "done"
+        job.message = (
+            f"{len(job.files) - failed} of {len(job.files)} files ingested"
+            if failed
+            else f"{len(job.files)} file{'s' * (len(job.files) != 1)} ingested"
+        )
+        await self.store.put(job)
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(BaseException):
+                await self._runner
+        await self.store.aclose()

@@ -1,0 +1,134 @@
+"""Documents added over HTTP go through the real ingest pipeline (real model, real Chroma, BM25)
+and are answerable right after; bad uploads get clear errors and leave nothing behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from rag_chat.auth import Authenticator
+from rag_chat.llm.fake import FakeLLM
+from rag_chat.settings import Settings
+from rag_chat.uploads import owner_dir, safe_name
+
+FACT = "The zebrafish telemetry relay listens on port 47123 and rotates its keys hourly."
+
+
+def wait_job(client: TestClient, job_id: str, **kw: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r = client.get(f"/api/documents/jobs/{job_id}", **kw)
+        assert r.status_code == 200, r.text
+        job: dict[str, Any] = r.json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError("upload job did not finish")
+
+
+def test_uploaded_documents_are_ingested_and_answerable(
+    make_app: Any, server_settings: Settings, tmp_path: Path
+) -> None:
+    settings = server_settings.model_copy(update={"data_dir": tmp_path / "state"})
+    llm = FakeLLM()
+    with TestClient(make_app(llm, settings)) as client:
+        files = [
+            ("files", ("relay notes.md", f"# Relay\n\n## Ports\n\n{FACT}\n", "text/markdown")),
+            ("files", ("../../escape.txt", "Nothing to see: plain text.", "text/plain")),
+        ]
+        r = client.post("/api/documents", files=files)
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert body["files"] == ["relay notes.md", "escape.txt"]
+        job = wait_job(client, body["job_id"])
+        assert job["state"] == "done" and (job["done"], job["total"]) == (2, 2), job
+        assert all(f["state"] == "done" and f["chunks"] >= 1 for f in job["files"]), job
+        assert job["message"] == "2 files ingested"
+        folder = settings.data_dir / "uploads" / owner_dir("local")
+        assert sorted(p.name for p in folder.iterdir()) == ["escape.txt", "relay notes.md"]
+
+        hits = client.post("/api/search", json={"query": "zebrafish relay port", "k": 3}).json()
+        top = hits["results"][0]
+        assert FACT in top["text"]
+        assert top["source"] == f"uploads/{owner_dir('local')}/relay notes.md"
+
+        llm.enqueue(["47123 [1]"])
+        with client.stream("POST", "/api/chat", json={"message": "Which port does it use?"}) as s:
+            text = "".join(s.iter_text())
+        assert "relay notes.md" in text  # the answer's sources include the upload
+
+        # the same file again: nothing new to embed
+        r = client.post("/api/documents", files=[files[0]])
+        job = wait_job(client, r.json()["job_id"])
+        assert job["state"] == "done"
+
+
+def test_bad_uploads_get_clear_errors_and_nothing_is_kept(
+    make_app: Any, server_settings: Settings, tmp_path: Path
+) -> None:
+    settings = server_settings.model_copy(
+        update={"data_dir": tmp_path / "state", "upload_max_bytes": 1000, "upload_max_files": 2}
+    )
+    with TestClient(make_app(FakeLLM(), settings)) as client:
+        cases = [
+            ([("files", ("tool.exe", b"MZ\x90\x00", "application/octet-stream"))], 415,
+             "unsupported_type", ".exe files cannot be ingested"),
+            ([("files", ("big.md", b"x" * 1001, "text/markdown"))], 413, "too_large",
+             "the limit is 1,000 bytes"),
+            ([("files", (f"f{i}.md", b"# x", "text/markdown")) for i in range(3)], 400,
+             "bad_request", "at most 2 per upload"),
+            ([("files", ("a.md", b"# a", "text/markdown")),
+              ("files", ("a.md", b"# b", "text/markdown"))], 400, "bad_request", "twice"),
+            ([("files", ("...", b"# a", "text/markdown"))], 400, "bad_request", "no usable"),
+            ([("other", ("a.md", b"# a", "text/markdown"))], 422, "bad_request", "files"),
+        ]  # fmt: skip
+        for files, status, code, message in cases:
+            r = client.post("/api/documents", files=files)
+            assert r.status_code == status, (files[0][1][0], r.text)
+            error = r.json()["error"]
+            assert error["code"] == code and message in error["message"], error
+            assert "\n" not in error["message"]
+        # one bad file in a batch refuses the whole batch: nothing was written
+        r = client.post(
+            "/api/documents",
+            files=[
+                ("files", ("good.md", b"# fine", "text/markdown")),
+                ("files", ("bad.bin", b"\x00", "application/octet-stream")),
+            ],
+        )
+        assert r.status_code == 415
+        assert not (settings.data_dir / "uploads").exists()
+        assert client.get(f"/api/documents/jobs/{'0' * 32}").status_code == 404
+        assert client.get("/api/documents/jobs/../../etc").status_code == 404
+        assert client.get("/healthz").status_code == 200  # still serving
+
+
+def test_upload_jobs_belong_to_their_uploader(
+    make_app: Any, server_settings: Settings, tmp_path: Path
+) -> None:
+    settings = server_settings.model_copy(
+        update={"data_dir": tmp_path / "state", "jwt_secret": "x" * 40}
+    )
+    auth = Authenticator(settings)
+    alice = {"Authorization": f"Bearer {auth.mint('alice')}"}
+    bob = {"Authorization": f"Bearer {auth.mint('bob')}"}
+    with TestClient(make_app(FakeLLM(), settings)) as client:
+        files = [("files", ("a.md", b"# Alice\n\nalice's notes", "text/markdown"))]
+        assert client.post("/api/documents", files=files).status_code == 401
+        r = client.post("/api/documents", files=files, headers=alice)
+        job_id = r.json()["job_id"]
+        assert client.get(f"/api/documents/jobs/{job_id}", headers=bob).status_code == 404
+        assert wait_job(client, job_id, headers=alice)["state"] == "done"
+
+
+def test_safe_names() -> None:
+    assert safe_name("../../etc/passwd.md") == "passwd.md"
+    assert safe_name("C:\\Users\\me\\notes.txt") == "notes.txt"
+    assert safe_name(".hidden.md") == "hidden.md"
+    assert safe_name("a<b>|c.md") == "a_b_c.md"
+    long = safe_name("x" * 300 + ".pdf")
+    assert len(long) == 120 and long.endswith(".pdf")
+    assert owner_dir("alice") != owner_dir("Alice") and owner_dir("../x").startswith("_x-")
