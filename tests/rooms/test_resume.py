@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import threading
@@ -205,7 +206,7 @@ def test_clients_dropping_anywhere_and_resuming_on_either_instance_lose_nothing(
         )
 
     def increasing(rows: list[Row]) -> bool:
-        return all(a[0] < b[0] for a, b in zip(rows, rows[1:], strict=False))
+        return all(a[0] < b[0] for a, b in itertools.pairwise(rows))
 
     raw_reference = [row(e) for e in room_events(refs[0].events, room)]
     reference = window(raw_reference)
