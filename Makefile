@@ -6,14 +6,15 @@ PIP     := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: run test install install-dev ingest serve lint bench clean
+.PHONY: run test install install-dev ui chromium ingest serve lint bench clean
 
 run: install ingest serve
 
-test: install-dev
+test: install-dev chromium
 	$(BIN)/ruff check rag_chat ingest tests benchmarks
 	$(BIN)/ruff format --check rag_chat ingest tests benchmarks
 	$(BIN)/mypy
+	cd frontend && npm test
 	$(BIN)/python -m pytest
 
 # torch is installed first, pinned to the local CPU build: a plain `torch` requirement would
@@ -30,8 +31,21 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install: $(VENV)/.installed ui
+install-dev: $(VENV)/.installed-dev ui
+
+# The browser UI (React + Vite): npm ci from the committed lock file, then a production build
+# into frontend/dist, which the server serves at /.
+frontend/node_modules/.installed: frontend/package.json frontend/package-lock.json
+	cd frontend && npm ci --no-audit --no-fund
+	touch $@
+
+ui: frontend/node_modules/.installed
+	cd frontend && npm run build
+
+# The browser tests drive Debian's Chromium (Playwright's own download does not work offline).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 ingest:
 	$(BIN)/python -m ingest data/

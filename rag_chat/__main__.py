@@ -1,5 +1,6 @@
 """``python -m rag_chat`` serves the chat (``--host``, ``--port``);
-``python -m rag_chat token --user NAME`` mints an access token."""
+``python -m rag_chat token --user NAME`` mints an access token;
+``python -m rag_chat schema`` prints the WebSocket protocol as JSON Schema."""
 
 from __future__ import annotations
 
@@ -100,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["token"]:
         return token_main(argv[1:])
+    if argv[:1] == ["schema"]:  # the WebSocket protocol as JSON Schema (the UI's types)
+        from rag_chat.api.protocol import schema_text
+
+        sys.stdout.write(schema_text())
+        return 0
     parser = argparse.ArgumentParser(prog="python -m rag_chat", description=__doc__)
     parser.add_argument("--host", help="interface to bind (default: RAG_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: RAG_PORT or 8000)")

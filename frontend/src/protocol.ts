@@ -189,7 +189,7 @@ export interface AiDoneEvent extends AiBase {
   citations: number[];
   persisted: boolean;
   /** Why a reply was cancelled when nobody asked, e.g. "server_shutdown". */
-  cancel_reason?: string;
+  cancel_reason?: "user" | "abandoned" | "server_shutdown" | null;
   /** May be added by the server later. */
   supported_citations?: number[];
   unsupported?: number[];
@@ -233,6 +233,8 @@ export interface ErrorEvent extends Partial<RoomStamp> {
   event?: string | null;
   message_id?: string;
   conversation_id?: string;
+  /** The client_id of the message it refuses. */
+  client_id?: string;
 }
 
 export interface LeftEvent {
@@ -366,3 +368,18 @@ export interface IngestJob {
   files: JobFile[];
   message?: string | null;
 }
+
+// ---------------------------------------------------------------------------------------
+// Drift checks against the server's schema (compile time)
+// ---------------------------------------------------------------------------------------
+// wire.gen.ts is generated from wire.schema.json, which `python -m rag_chat schema` writes
+// from the server's own models (a Python test fails when it is stale; tests/wire.test.ts when
+// wire.gen.ts is). These lines stop `tsc` when the types above and the server disagree: every
+// event the server may send must be one this UI understands, and every event the UI sends one
+// the server accepts.
+import type * as Wire from "./wire.gen";
+
+type Assert<T extends true> = T;
+type Fits<A, B> = [A] extends [B] ? true : false;
+export type ServerEventsFit = Assert<Fits<Wire.ServerEvent, ServerEvent>>;
+export type ClientEventsFit = Assert<Fits<ClientEvent, Wire.ClientEvent>>;
