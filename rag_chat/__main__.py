@@ -1,4 +1,4 @@
-"""``python -m rag_chat`` serves the chat (``--host``, ``--port``);
+"""``python -m rag_chat`` serves the chat (``--host``, ``--port``, ``--log-format``);
 ``python -m rag_chat token --user NAME`` mints an access token;
 ``python -m rag_chat schema`` prints the WebSocket protocol as JSON Schema."""
 
@@ -112,12 +112,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text, or one JSON object per line (default: RAG_LOG_FORMAT or text)",
+    )
     args = parser.parse_args(argv)
-    settings = _settings(host=args.host, port=args.port)
+    settings = _settings(host=args.host, port=args.port, log_format=args.log_format)
     if settings is None:
         return 2
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from rag_chat.logs import configure_logging
+
+    # uvicorn's own logs too (it runs with log_config=None below)
+    configure_logging(args.log_level, settings.log_format, trace_ws=settings.trace_ws)
     if not settings.auth_required:
         if not is_loopback(settings.host) and not settings.allow_open:
             print(
@@ -126,17 +134,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        print(OPEN_MODE_WARNING, file=sys.stderr)
+        if settings.log_format == "json":  # one record, not a box a log shipper would split
+            logging.getLogger("rag_chat").warning(
+                " ".join(line.strip(" !") for line in OPEN_MODE_WARNING.strip().splitlines())
+            )
+        else:
+            print(OPEN_MODE_WARNING, file=sys.stderr)
 
     import asyncio
 
     import uvicorn
 
     from rag_chat.api.ws import MAX_FRAME_BYTES
-    from rag_chat.app import create_app, drain
+    from rag_chat.app import create_app
     from rag_chat.auth import Authenticator
     from rag_chat.errors import RagChatError
     from rag_chat.memory import open_memory
+    from rag_chat.server import Server, ws_protocol
 
     try:
         Authenticator(settings)  # a public key that cannot be read: say so now
@@ -156,28 +170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     app = create_app(settings)
-
-    class Server(uvicorn.Server):
-        # uvicorn closes WebSockets (1012) as its first shutdown step: end the replies in
-        # flight with their final events before that
-        async def shutdown(self, sockets: Any = None) -> None:
-            try:
-                await drain(app)
-            except Exception:
-                logging.getLogger("rag_chat").exception("draining connections failed")
-            await super().shutdown(sockets)
-
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        log_config=None,  # configure_logging above formats uvicorn's records too
+        ws=ws_protocol(),
         ws_ping_interval=WS_PING_S,
         ws_ping_timeout=WS_PING_S,
         ws_max_size=MAX_FRAME_BYTES,
         timeout_graceful_shutdown=10,
     )
-    Server(config).run()
+    Server(config, app).run()
     return 0
 
 

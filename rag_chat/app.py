@@ -4,6 +4,8 @@ Errors from the one hierarchy (rag_chat.errors) become ``{"error": {"code", "mes
 the error's HTTP status (429s also carry ``Retry-After`` and ``retry_after``); request
 validation failures become one-line ``bad_request`` errors. Tracebacks never reach clients.
 Every response carries ``X-Content-Type-Options: nosniff``; CORS follows RAG_ALLOWED_ORIGINS.
+Every request has an id (``X-Request-ID``, in and out; rag_chat.logs) that its log records carry;
+the lifespan also runs the event-loop lag probe (rag_chat.metrics.watch_loop_lag).
 
 Graceful shutdown (:func:`drain`, run by ``python -m rag_chat`` before uvicorn closes
 connections): replies in flight are cancelled and end with their ``ai.done``
@@ -24,18 +26,32 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rag_chat import __version__
 from rag_chat.api import documents, openai, rest, sse, ws
 from rag_chat.api.deps import SafeJSONResponse
 from rag_chat.errors import RagChatError, RateLimited
+from rag_chat.logs import REQUEST_ID_HEADER, RequestIdMiddleware, enable_ws_trace
+from rag_chat.metrics import watch_loop_lag
 from rag_chat.services import Services
 from rag_chat.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 ServicesFactory = Callable[[Settings], Awaitable[Services]]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str = Field(description="one line")
+    type: str
+    retry_after: float | None = Field(default=None, description="seconds (429)")
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
 
 
 def create_app(
@@ -47,11 +63,18 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await (services_factory or Services.open)(settings)
         app.state.services = services
+        lag = asyncio.create_task(watch_loop_lag(services.metrics.loop_lag), name="loop-lag")
         try:
             yield
         finally:
+            lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
             await drain(app)
             await services.aclose()
+
+    if settings.trace_ws:
+        enable_ws_trace()
 
     app = FastAPI(
         title="rag_chat",
@@ -59,6 +82,11 @@ def create_app(
         summary="Real-time chat that answers questions over your own documents.",
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
+        # what every error really looks like (FastAPI would document its own 422 shape)
+        responses={
+            "4XX": {"model": ErrorOut, "description": "the request was refused"},
+            "5XX": {"model": ErrorOut, "description": "a part of the server failed"},
+        },
     )
     app.state.connections = set()
     app.state.drained = False
@@ -109,10 +137,13 @@ def create_app(
             allow_origins=settings.allowed_origins,
             allow_credentials=not wildcard,  # cookies never go to "any origin"
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-            expose_headers=["Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", REQUEST_ID_HEADER],
+            expose_headers=["Retry-After", REQUEST_ID_HEADER],
             max_age=600,
         )
+
+    # outermost: the id is set before anything else runs, and is there for the access log
+    app.add_middleware(RequestIdMiddleware)
 
     for module in (ws, sse, openai, documents, rest):
         app.include_router(module.router)

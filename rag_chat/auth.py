@@ -112,6 +112,8 @@ class Authenticator:
             raise Unauthorized("sign in: this server needs a token")
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthorized("token too long")
+        if not token.isascii():  # a JWT is base64url and dots
+            raise Unauthorized("malformed token: not a JWT")
         try:
             alg = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError:

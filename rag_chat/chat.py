@@ -21,13 +21,15 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from rag_chat.errors import BadRequest, LLMError, MemoryUnavailable, RagChatError, RetrievalError
 from rag_chat.llm import LLM, Generation, Message, Usage
 from rag_chat.memory import Memory, StoredMessage
+from rag_chat.metrics import Metrics
 from rag_chat.retrieval.store import Hit
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,15 @@ _FOLLOW_UP = re.compile(
 # Chat-template control sequences (ChatML, Llama, Gemma...) that a tokenizer could parse as
 # special tokens if they came through inside documents or user text.
 _CONTROL = re.compile(r"<\|[^|>]{0,40}\|>|\[/?INST\]|<</?SYS>>|<(start|end)_of_turn>")
+
+
+def is_unicode(text: str) -> bool:
+    """False for strings with lone UTF-16 surrogates (JSON escapes can make them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def defuse(text: str) -> str:
@@ -207,7 +218,19 @@ class Reply:
         return self._cancelled.is_set()
 
     async def events(self) -> AsyncIterator[Event]:
+        # counted here, whatever the transport: every reply generating on this instance
+        in_flight = self.service.metrics.replies_in_flight
+        in_flight.inc()
+        try:
+            async with aclosing(self._events()) as events:
+                async for event in events:
+                    yield event
+        finally:
+            in_flight.dec()
+
+    async def _events(self) -> AsyncGenerator[Event, None]:
         svc = self.service
+        metrics = svc.metrics
         base = {"message_id": self.message_id, "conversation_id": self.conversation_id}
         started = time.perf_counter()
         yield {"type": "ai.start", **base}
@@ -233,16 +256,22 @@ class Reply:
                 await gen.cancel()
             parts: list[str] = []
             ttft: float | None = None
-            t_gen = time.perf_counter()
+            t_gen = last = time.perf_counter()
             try:
                 async for delta in gen:
                     if not delta:
                         continue
+                    now = time.perf_counter()
                     if ttft is None:
-                        ttft = (time.perf_counter() - started) * 1000
+                        ttft = (now - started) * 1000
+                        metrics.ttft.observe(ttft / 1000)
+                    else:
+                        metrics.inter_token.observe(now - last)
+                    last = now
                     parts.append(delta)
                     yield {"type": "ai.token", "message_id": self.message_id, "delta": delta}
             except LLMError as exc:
+                metrics.llm_errors.labels(exc.code).inc()
                 # what was delivered stays delivered: say how much, then the error
                 yield {
                     "type": "error",
@@ -257,6 +286,11 @@ class Reply:
             gen_s = time.perf_counter() - t_gen
             usage: Usage = gen.usage
             finish = "cancelled" if self.cancelled else (gen.finish_reason or "stop")
+            tokens_per_s = usage.completion_tokens / gen_s if gen_s else None
+            if tokens_per_s:
+                metrics.tokens_per_second.observe(tokens_per_s)
+            if finish == "cancelled":
+                metrics.cancelled(self.cancel_reason)
             persisted = await self._persist(parts, shown, query, finish)
             yield {
                 "type": "ai.done",
@@ -271,7 +305,7 @@ class Reply:
                     "retrieval_ms": round(retrieval_ms, 1),
                     "ttft_ms": round(ttft, 1) if ttft is not None else None,
                     "total_ms": round((time.perf_counter() - started) * 1000, 1),
-                    "tokens_per_s": round(usage.completion_tokens / gen_s, 1) if gen_s else None,
+                    "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s is not None else None,
                 },
                 "citations": citations(answer, len(shown)),
                 "persisted": persisted,
@@ -279,6 +313,7 @@ class Reply:
         except asyncio.CancelledError:
             if not self.cancelled:
                 raise
+            metrics.cancelled(self.cancel_reason)
             yield {
                 "type": "ai.done",
                 **base,
@@ -290,6 +325,8 @@ class Reply:
                 "persisted": False,
             }
         except RagChatError as exc:
+            if isinstance(exc, LLMError):
+                metrics.llm_errors.labels(exc.code).inc()
             yield {"type": "error", **base, "code": exc.code, "message": str(exc)}
 
     async def _persist(
@@ -333,7 +370,9 @@ class ChatService:
         history_turns: int = 6,
         rewrite: bool = True,
         answer_tokens: int = ANSWER_TOKENS,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.llm = llm
         self.memory = memory
         self.search = search
@@ -343,6 +382,7 @@ class ChatService:
         self.answer_tokens = min(answer_tokens, llm.context_window // 3)
 
     async def retrieve(self, query: str, k: int | None = None) -> list[Hit]:
+        t0 = time.perf_counter()
         try:
             return await asyncio.to_thread(self.search, query, k or self.top_k)
         except RagChatError:
@@ -350,6 +390,8 @@ class ChatService:
         except Exception as exc:  # Chroma or the index failing must not kill the connection
             log.exception("retrieval failed")
             raise RetrievalError(f"retrieval failed: {type(exc).__name__}") from exc
+        finally:
+            self.metrics.retrieval.observe(time.perf_counter() - t0)
 
     def start(
         self,
@@ -365,6 +407,10 @@ class ChatService:
         text = (text or "").strip()
         if not text:
             raise BadRequest("message must not be empty")
+        if not is_unicode(text):
+            raise BadRequest("message is not valid Unicode text (a lone surrogate)")
+        if history and not all(is_unicode(m.get("content", "")) for m in history):
+            raise BadRequest("history is not valid Unicode text (a lone surrogate)")
         if len(text) > MAX_MESSAGE_CHARS:
             raise BadRequest(f"message is longer than {MAX_MESSAGE_CHARS} characters")
         return Reply(

@@ -14,6 +14,9 @@ instance that dies does not hold its users' slots for ever.
 
 Limits fail open: when Redis does not answer, the request goes on (and meets the same outage
 in the room log, which reports it clearly); a limit is not worth an outage of its own.
+
+Every refusal calls ``on_hit`` with the limit's name (``messages``, ``replies``,
+``connections``): the app counts them in its metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
 LEASE_TTL_S = 60.0
+_LIMIT_NAMES = {"conn": "connections", "reply": "replies"}  # lease kinds, as on_hit names them
 
 _NOW = """
 local t = redis.call('TIME')
@@ -173,6 +178,7 @@ class Limits:
         max_replies: int = 2,
         lease_ttl_s: float = LEASE_TTL_S,
         window_s: float = WINDOW_S,
+        on_hit: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.window_ms = int(window_s * 1000)
@@ -182,6 +188,7 @@ class Limits:
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
         self.held: dict[str, set[str]] = {}  # lease key -> members this instance holds
         self.hits = 0  # requests refused, by any limit
+        self.on_hit = on_hit  # called with "messages", "replies" or "connections" on each
         self._refresher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -205,7 +212,7 @@ class Limits:
             log.warning("rate limit not checked, Redis is not reachable: %s", exc)
             return
         if wait_ms:
-            self.hits += 1
+            self._hit("messages")
             raise RateLimited(
                 f"too many messages: at most {self.messages_per_minute} in "
                 f"{self.window_ms / 1000:g} s; "
@@ -223,8 +230,13 @@ class Limits:
         if ok:
             self.held.setdefault(key, set()).add(member)
         else:
-            self.hits += 1
+            self._hit(_LIMIT_NAMES.get(kind, kind))
         return ok
+
+    def _hit(self, limit: str) -> None:
+        self.hits += 1
+        if self.on_hit is not None:
+            self.on_hit(limit)
 
     async def _release(self, kind: str, who: str, member: str) -> None:
         key = f"{kind}:{who}"

@@ -1,9 +1,38 @@
 """Prometheus metrics. One registry per app, so tests and several apps in one process never
-collide; ``/metrics`` serves it in the text format."""
+collide; ``/metrics`` serves it in the text format.
+
+Where each is measured:
+
+- per reply, once, where it is produced (``rag_chat.chat.Reply.events``, whatever the
+  transport): replies in flight, time to first token, inter-token gap, tokens per second,
+  retrieval latency (also ``/api/search``), LLM errors by kind, cancels by reason;
+- per delivery to a client (``observe``): tokens and errors sent, finished replies by transport;
+- by the transports: connections, messages posted, resumes, dropped slow consumers;
+- rate-limit hits through ``rag_chat.limits.Limits.on_hit``; rooms when scraped; event-loop
+  lag by :func:`watch_loop_lag`, a task of the app's lifespan.
+
+Labels only ever take a handful of values fixed in code (no room, user or message ids).
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LLM_ERROR_CODES = ("llm_error", "llm_unavailable", "llm_timeout")
+LIMITS = ("messages", "replies", "connections")
+CANCEL_REASONS = ("user", "abandoned", "server_shutdown")
+TRANSPORTS = ("ws", "sse", "openai")
+RESUME_TRANSPORTS = ("ws", "sse")
+LOOP_LAG_INTERVAL_S = 0.1
+
+# seconds
+_LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+_GAP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_LAG = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# tokens per second
+_RATE = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000)
 
 
 class Metrics:
@@ -11,36 +40,113 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge("rag_ws_connections", "Open WebSocket connections", registry=r)
-        self.replies_in_flight = Gauge("rag_replies_in_flight", "Replies streaming", registry=r)
+        self.rooms = Gauge(
+            "rag_rooms",
+            "Rooms this instance follows: with a member, an SSE stream or a reply here",
+            registry=r,
+        )
+        self.messages = Counter(
+            "rag_messages_total",
+            "User messages posted through this instance, by transport",
+            ["transport"],
+            registry=r,
+        )
+        self.replies_in_flight = Gauge(
+            "rag_replies_in_flight", "AI replies generating on this instance", registry=r
+        )
         self.replies = Counter(
-            "rag_replies_total", "Finished replies", ["transport", "finish_reason"], registry=r
+            "rag_replies_total",
+            "Finished replies delivered, by transport",
+            ["transport", "finish_reason"],
+            registry=r,
         )
         self.tokens = Counter("rag_tokens_total", "Tokens streamed to clients", registry=r)
         self.errors = Counter("rag_errors_total", "Errors sent to clients", ["code"], registry=r)
         self.ttft = Histogram(
             "rag_time_to_first_token_seconds",
-            "From request to first token",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            "From the start of a reply to its first token",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "rag_inter_token_seconds",
+            "Gap between consecutive tokens of a reply, as produced",
+            buckets=_GAP,
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "rag_reply_tokens_per_second",
+            "Completion tokens per second of generation, one observation per reply",
+            buckets=_RATE,
             registry=r,
         )
         self.retrieval = Histogram(
             "rag_retrieval_seconds",
-            "Hybrid retrieval latency",
+            "Retrieval latency (every reply and /api/search)",
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2),
             registry=r,
         )
+        self.llm_errors = Counter(
+            "rag_llm_errors_total", "LLM failures, by error code", ["code"], registry=r
+        )
+        self.rate_limit_hits = Counter(
+            "rag_rate_limit_hits_total", "Requests refused by a limit", ["limit"], registry=r
+        )
+        self.cancels = Counter(
+            "rag_cancels_total", "Replies cancelled, by reason", ["reason"], registry=r
+        )
+        self.resumes = Counter(
+            "rag_resumes_total",
+            "Resumes: WS join with last_seq, SSE Last-Event-ID",
+            ["transport"],
+            registry=r,
+        )
+        self.slow_consumers = Counter(
+            "rag_slow_consumers_dropped_total",
+            "WebSockets closed with 1013 because the client could not keep up",
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "rag_event_loop_lag_seconds",
+            f"How late a {LOOP_LAG_INTERVAL_S:g} s sleep of the event loop wakes up",
+            buckets=_LAG,
+            registry=r,
+        )
+        # every series exists from the start, at 0: rate() sees the first increment
+        for code in LLM_ERROR_CODES:
+            self.llm_errors.labels(code)
+        for limit in LIMITS:
+            self.rate_limit_hits.labels(limit)
+        for reason in CANCEL_REASONS:
+            self.cancels.labels(reason)
+        for transport in TRANSPORTS:
+            self.messages.labels(transport)
+        for transport in RESUME_TRANSPORTS:
+            self.resumes.labels(transport)
 
     def observe(self, transport: str, event: dict[str, object]) -> None:
+        """One event delivered to one client (per-reply timings are measured at the source)."""
         kind = event.get("type")
         if kind == "ai.token":
             self.tokens.inc()
         elif kind == "ai.done":
             self.replies.labels(transport, str(event.get("finish_reason"))).inc()
-            timings = event.get("timings")
-            if isinstance(timings, dict):
-                if isinstance(timings.get("ttft_ms"), int | float):
-                    self.ttft.observe(timings["ttft_ms"] / 1000)
-                if isinstance(timings.get("retrieval_ms"), int | float):
-                    self.retrieval.observe(timings["retrieval_ms"] / 1000)
         elif kind == "error":
             self.errors.labels(str(event.get("code"))).inc()
+
+    def rate_limited(self, limit: str) -> None:
+        """``Limits.on_hit``: one request refused by ``limit``."""
+        self.rate_limit_hits.labels(limit if limit in LIMITS else "other").inc()
+
+    def cancelled(self, reason: str | None) -> None:
+        self.cancels.labels(reason if reason in CANCEL_REASONS else "other").inc()
+
+
+async def watch_loop_lag(histogram: Histogram, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Sleep ``interval_s`` again and again and record how late each wake-up is: the time
+    callbacks wait for a loop that something blocks (CPU work, a blocking call)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval_s)
+        histogram.observe(max(0.0, loop.time() - start - interval_s))

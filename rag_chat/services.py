@@ -48,6 +48,14 @@ class Services:
     uploads: Uploads
     metrics: Metrics = field(default_factory=Metrics)
 
+    def __post_init__(self) -> None:
+        # one registry for everything this app measures
+        self.chat.metrics = self.metrics
+        self.rooms.chat.metrics = self.metrics
+        self.limits.on_hit = self.metrics.rate_limited
+        hub = self.rooms.hub
+        self.metrics.rooms.set_function(lambda: len(hub.subs))
+
     @classmethod
     async def open(
         cls,

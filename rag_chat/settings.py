@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     llm_api_key: str | None = None
     llm_model: str | None = None
     llm_model_path: str | None = None
+    # an OpenAI-compatible backend that sends nothing for this long fails the reply (llm_timeout)
+    llm_read_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
 
     top_k: int = Field(default=5, ge=1, le=100)
     host: str = "127.0.0.1"
@@ -80,6 +82,11 @@ class Settings(BaseSettings):
     # --- documents added from the browser (POST /api/documents)
     upload_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1, le=1 << 34)  # per file
     upload_max_files: int = Field(default=20, ge=1, le=1000)  # per request
+
+    # --- observability: logs as text or one JSON object per line (python -m rag_chat); every
+    # WebSocket event received and sent, logged at DEBUG on rag_chat.ws.trace
+    log_format: Literal["text", "json"] = "text"
+    trace_ws: bool = False
 
     def collection_dir(self, collection: str | None = None) -> Path:
         """Where a collection's manifest and keyword index live."""

@@ -21,7 +21,12 @@ _ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_ESCAPES)
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_ESCAPES)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from some input: escape rather than fail
+        text = json.dumps(obj, ensure_ascii=True, separators=(",", ":")).translate(_ESCAPES)
+    return text
 
 
 class SafeJSONResponse(JSONResponse):

@@ -101,6 +101,7 @@ async def chat_completions(body: CompletionIn, request: Request, who: Caller) ->
     except BaseException:
         await limits.reply_finished(who.limit_key, lease)
         raise
+    services.metrics.messages.labels("openai").inc()
     created = int(time.time())
     cid = f"chatcmpl-{reply.message_id}"
     base = {"id": cid, "created": created, "model": body.model}

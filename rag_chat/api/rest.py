@@ -162,8 +162,10 @@ class SearchOut(BaseModel):
 )
 async def search(body: SearchIn, request: Request) -> SearchOut:
     """Retrieval alone: the ranked chunks for a query, best first."""
-    retriever = _services(request).retriever
-    hits = await asyncio.to_thread(retriever.search, body.query, body.k, body.mode)
+    services = _services(request)
+    retriever = services.retriever
+    with services.metrics.retrieval.time():
+        hits = await asyncio.to_thread(retriever.search, body.query, body.k, body.mode)
     return SearchOut(
         query=body.query,
         mode=body.mode,

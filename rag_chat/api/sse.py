@@ -13,6 +13,7 @@ the answer keeps running for a grace period (15 s), then it is cancelled.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,7 @@ from sse_starlette.sse import EventSourceResponse
 from rag_chat.api.deps import Caller, dumps
 from rag_chat.errors import BadRequest
 from rag_chat.rooms import Member
-from rag_chat.rooms.log import Event
+from rag_chat.rooms.log import Event, RoomLog
 from rag_chat.services import Services
 
 router = APIRouter()
@@ -61,7 +62,7 @@ async def chat_sse(
     rooms = services.rooms
     resume: int | None = None
     if last_event_id is not None:
-        if not last_event_id.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", last_event_id):
             raise BadRequest("Last-Event-ID must be the seq (a number) of the last event received")
         if body.conversation_id is None:
             raise BadRequest("resuming with Last-Event-ID needs the conversation_id")
@@ -73,7 +74,9 @@ async def chat_sse(
     queue: asyncio.Queue[Event] = asyncio.Queue()
     await rooms.join(member, room, resume, queue.put_nowait)
     await queue.get()  # the `joined` event: not part of the SSE stream
-    if resume is None:
+    if resume is not None:
+        services.metrics.resumes.labels("sse").inc()
+    else:
         try:
             msg = await rooms.post(member, room, body.message, client_id=body.client_id, ai=True)
         except BaseException:
@@ -81,12 +84,18 @@ async def chat_sse(
             raise
         if msg is None:  # a re-send of a message already taken: follow what is streaming
             resume = await rooms.log.last_seq(room)
+        else:
+            services.metrics.messages.labels("sse").inc()
+
+    # a resume after the answer ended: replay what was missed, then end (nothing is coming)
+    settled = resume is not None and not await _answer_open(rooms.log, room)
 
     async def stream() -> AsyncIterator[dict[str, Any]]:
-        services.metrics.replies_in_flight.inc()
         reply_id: str | None = None
         try:
             while True:
+                if settled and queue.empty():
+                    return
                 event = await queue.get()
                 services.metrics.observe("sse", event)
                 yield {"event": event["type"], "id": str(event["seq"]), "data": dumps(event)}
@@ -97,7 +106,23 @@ async def chat_sse(
                 ):
                     return
         finally:
-            services.metrics.replies_in_flight.dec()
             await rooms.leave(member, room)
 
     return EventSourceResponse(stream(), ping=HEARTBEAT_S)
+
+
+async def _answer_open(log: RoomLog, room: str, window: int = 2000) -> bool:
+    """Whether an answer in ``room`` is still coming: a question for the AI, or an
+    ``ai.start``, with no final event after it (among the last ``window`` events)."""
+    head = await log.last_seq(room)
+    pending: set[str] = set()
+    for event in await log.since(room, max(0, head - window)):
+        kind = event.get("type")
+        if kind == "message" and event.get("ai"):
+            pending.add(str(event.get("id")))
+        elif kind == "ai.start":
+            pending.discard(str(event.get("reply_to")))
+            pending.add(str(event.get("message_id")))
+        elif kind in ("ai.done", "error") and event.get("message_id"):
+            pending.discard(str(event["message_id"]))
+    return bool(pending)

@@ -14,6 +14,10 @@ A bad event gets an ``error`` event and the connection stays usable; a flood of 
 room (presence, typing and subscriptions are released); AI replies live on in their room and
 are cancelled only when nobody is left to read them. Protocol pings every 20 s come from the
 server (uvicorn's ws_ping_interval); ``ping`` → ``pong`` is the application-level heartbeat.
+
+Every log record of a connection carries its id (``conn_id``, rag_chat.logs). With the logger
+``rag_chat.ws.trace`` at DEBUG (``RAG_TRACE_WS=true``) every event received and sent is logged:
+direction, type, room, seq, size, texts cut to 200 characters (rag_chat.logs.event_summary).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -36,13 +41,15 @@ from rag_chat.api.deps import client_host, credential, dumps
 from rag_chat.auth import LEEWAY_S, SUBPROTOCOL, Principal, anonymous, token_from_subprotocols
 from rag_chat.chat import Event
 from rag_chat.errors import RagChatError, RateLimited, TooManyConnections, Unauthorized
+from rag_chat.logs import conn_id, event_summary, trace_message
 from rag_chat.rooms import Member
 from rag_chat.services import Services
 
 log = logging.getLogger(__name__)
+trace = logging.getLogger("rag_chat.ws.trace")
 router = APIRouter()
 
-SEND_QUEUE = 1024  # events waiting per connection (tokens of one answer coalesce into one)
+SEND_QUEUE = 4096  # events waiting per connection (tokens of one answer coalesce into one)
 MAX_PENDING_CHARS = 4_000_000  # characters waiting per connection
 COALESCE_AFTER = 64  # events waiting before tokens start to merge
 SEND_TIMEOUT_S = 15.0  # one frame not taken by the client in this long: it is hopeless
@@ -129,6 +136,17 @@ def explain(exc: ValidationError) -> str:
     return f"{loc}: {err['msg']}" if loc else err["msg"]
 
 
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)  # only an escape can make one
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _size(event: Event) -> int:
     """What an event weighs in a send queue, roughly in characters."""
     return 200 + len(event.get("delta") or "") + len(event.get("text") or "")
@@ -157,6 +175,7 @@ class Outbox:
         self._items: deque[tuple[Event, int]] = deque()
         self._chars = 0
         self._ready = asyncio.Event()
+        self._closed = False
         self.coalesced = 0
 
     def __len__(self) -> int:
@@ -185,8 +204,15 @@ class Outbox:
         self._ready.set()
         return len(self._items) <= self.max_events and self._chars <= self.max_chars
 
-    async def get(self) -> Event:
+    def close(self) -> None:
+        """No more events: ``get`` returns None once the queue is empty."""
+        self._closed = True
+        self._ready.set()
+
+    async def get(self) -> Event | None:
         while not self._items:
+            if self._closed:
+                return None
             self._ready.clear()
             await self._ready.wait()
         event, size = self._items.popleft()
@@ -250,6 +276,12 @@ class Connection:
                 raise
             task.uncancel()  # cancelled by end(): this connection closes itself below
         finally:
+            if self.ending is not None and self.ending.code != CLOSE_TOO_SLOW:
+                # the last events (an error, ai.done) go out before the close frame: the
+                # sender drains the queue and stops (cancelling it could drop a frame)
+                self.out.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(sender), 5)
             sender.cancel()
             # leaving (presence, typing, subscriptions) must finish even when this task is
             # being cancelled (server shutdown, a test client closing): shield it
@@ -258,13 +290,28 @@ class Connection:
                 await asyncio.shield(cleanup)
         if self.ending is not None:
             with contextlib.suppress(Exception):
-                if self.ending.code != CLOSE_TOO_SLOW:  # the last events (an error, ai.done)
-                    await asyncio.wait_for(self._flush(), 2)
                 await asyncio.wait_for(self.ws.close(self.ending.code, self.ending.reason), 2)
 
-    async def _flush(self) -> None:
-        while len(self.out):
-            await self.ws.send_text(dumps(await self.out.get()))
+    def _trace(self, direction: str, summary: dict[str, Any], size: int) -> None:
+        if trace.isEnabledFor(logging.DEBUG):
+            trace.debug(
+                trace_message(direction, summary, size),
+                extra={"direction": direction, "size": size, "event": summary},
+            )
+
+    def _trace_received(self, msg: Mapping[str, Any]) -> None:
+        text = msg.get("text")
+        if text is None:
+            summary: dict[str, Any] = {"type": "(binary frame)"}
+            size = len(msg.get("bytes") or b"")
+        else:
+            size = len(text)
+            try:
+                raw = json.loads(text) if size <= MAX_FRAME_CHARS else None
+            except (ValueError, RecursionError):  # bad JSON, an int over 4300 digits, ...
+                raw = None
+            summary = event_summary(raw) if isinstance(raw, dict) else {"type": "(not an event)"}
+        self._trace("recv", summary, size)
 
     async def shutdown(self, wait_s: float) -> None:
         """Server shutdown: let the queue drain (final events included), then close 1012."""
@@ -278,8 +325,11 @@ class Connection:
         if self.ending is not None:
             return
         self.ending = Hopeless(code, reason)
+        if trace.isEnabledFor(logging.DEBUG):
+            trace.debug("close %d %s", code, reason, extra={"direction": "close", "code": code})
         if code == CLOSE_TOO_SLOW:
             self.services.metrics.errors.labels("too_slow").inc()
+            self.services.metrics.slow_consumers.inc()
         # from another task (the sender, a room's delivery): stop the receive loop now;
         # from the receive loop itself, it ends at the top of its next turn
         if self._task is not None and asyncio.current_task() is not self._task:
@@ -298,13 +348,19 @@ class Connection:
         self.deliver({"type": "error", "code": code, "message": message, **extra})
 
     async def _sender(self) -> None:
-        while True:
-            event = await self.out.get()
+        while (event := await self.out.get()) is not None:
+            frame = dumps(event)
             try:
-                await asyncio.wait_for(self.ws.send_text(dumps(event)), SEND_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: no extra task per frame on the hot path
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await self.ws.send_text(frame)
             except TimeoutError:
                 self.end(CLOSE_TOO_SLOW, "client too slow to keep up")
                 return
+            except Exception as exc:  # the socket is gone: the receive loop sees it too
+                log.debug("send failed, connection gone: %r", exc)
+                return
+            self._trace("send", event_summary(event), len(frame))
 
     def _bad(self, message: str, **extra: Any) -> None:
         self.error("bad_request", message, **extra)
@@ -315,7 +371,11 @@ class Connection:
         while self.ending is None:
             msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
+                if trace.isEnabledFor(logging.DEBUG):
+                    trace.debug("disconnected by the client, code %s", msg.get("code"))
                 return
+            if trace.isEnabledFor(logging.DEBUG):
+                self._trace_received(msg)
             expires = self.who.expires_at
             if expires is not None and time.time() > expires + LEEWAY_S:
                 self.error("unauthorized", "token expired: sign in again")
@@ -335,6 +395,12 @@ class Connection:
                 continue
             except RecursionError:
                 self._bad("invalid JSON: nested too deeply")
+                continue
+            except ValueError as exc:  # e.g. an integer of more than 4300 digits
+                self._bad(f"invalid JSON: {str(exc).splitlines()[0][:120]}")
+                continue
+            if _SURROGATE.search(text) and not _encodable(raw):
+                self._bad("invalid text: a lone UTF-16 surrogate (\\ud800-\\udfff) is not Unicode")
                 continue
             if not isinstance(raw, dict):
                 self._bad("every event is a JSON object with a 'type'")
@@ -384,6 +450,8 @@ class Connection:
             else:
                 await access.join(self.who, event.room)
             await self._join(event.room, event.last_seq)
+            if event.last_seq is not None:
+                self.services.metrics.resumes.labels("ws").inc()
         elif isinstance(event, LeaveIn):
             await self.rooms.leave(self.member, event.room)
             self.deliver({"type": "left", "room": event.room})
@@ -406,7 +474,7 @@ class Connection:
                 if not self.rooms.is_member(self.member, event.room):
                     self.error("not_joined", f"join room {event.room!r} first", event="message")
                     return
-                await self.rooms.post(
+                posted = await self.rooms.post(
                     self.member, event.room, event.text, client_id=event.client_id, ai=event.ai
                 )
             else:  # a private conversation with the assistant: a room with one member
@@ -414,9 +482,11 @@ class Connection:
                 if not self.rooms.is_member(self.member, room):
                     await access.private(self.who, room, event.text)
                     await self._join(room, None, announce=False)
-                await self.rooms.post(
+                posted = await self.rooms.post(
                     self.member, room, event.text, client_id=event.client_id, ai=True
                 )
+            if posted is not None:  # None: a re-sent client_id, not a new message
+                self.services.metrics.messages.labels("ws").inc()
 
 
 def origin_allowed(headers: Mapping[str, str], allowed: list[str]) -> bool:
@@ -452,7 +522,7 @@ async def _authenticate(ws: WebSocket, services: Services) -> Principal:
         raise WebSocketDisconnect(msg.get("code", 1000))
     try:
         first = json.loads(msg.get("text") or "")
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # bad JSON, or an int of more than 4300 digits
         first = None
     if not isinstance(first, dict) or first.get("type") != "auth":
         raise Unauthorized("sign in: the first event must be {'type': 'auth', 'token': ...}")
@@ -490,6 +560,11 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     except WebSocketDisconnect:
         return
     connection = Connection(ws, services, who)
+    # every log record of this connection (and of the replies it starts) carries its id; this
+    # task is the connection's own, so the id ends with it
+    conn_id.set(connection.conn_id)
+    if trace.isEnabledFor(logging.DEBUG):
+        trace.debug("open user=%r client=%s", who.user, client_host(ws))
     try:
         await services.limits.connect(who.limit_key, connection.conn_id)
     except TooManyConnections as exc:

@@ -114,6 +114,7 @@ def build_llm(settings: Settings) -> LLM:
             settings.llm_base_url,
             api_key=settings.llm_api_key or "not-needed",
             model=settings.llm_model,
+            read_timeout=settings.llm_read_timeout_seconds,
         )
     from rag_chat.llm.llama import LlamaCppLLM
 

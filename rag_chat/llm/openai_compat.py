@@ -7,7 +7,6 @@ response, and servers stop generating when their client disconnects.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +21,6 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 # the longest wait for the next bytes of an answer (the headers, then each chunk), unless the
 # constructor is given one
-READ_TIMEOUT_ENV = "RAG_LLM_READ_TIMEOUT_SECONDS"
 CHECK_TIMEOUT_S = 5.0
 MAX_RETRIES = 2
 # how long cancel() waits for the pump to close the connection
@@ -43,7 +41,8 @@ class OpenAICompatLLM:
         self.base_url = base_url
         self.context_window = context_window
         self._model = model
-        self.read_timeout = read_timeout if read_timeout is not None else _env_read_timeout()
+        # RAG_LLM_READ_TIMEOUT_SECONDS (settings) through build_llm
+        self.read_timeout = read_timeout if read_timeout is not None else READ_TIMEOUT_S
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key,
@@ -109,19 +108,6 @@ class OpenAICompatLLM:
         if isinstance(exc, openai.APIStatusError):
             return LLMError(f"{where} answered {exc.status_code}: {_status_detail(exc)}")
         return LLMError(f"{where} failed: {_short(exc)}")
-
-
-def _env_read_timeout() -> float:
-    raw = os.environ.get(READ_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return READ_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{READ_TIMEOUT_ENV} must be a number of seconds, not {raw!r}") from None
-    if not 0 < value <= 3600:
-        raise ValueError(f"{READ_TIMEOUT_ENV} must be more than 0 and at most 3600 seconds")
-    return value
 
 
 def _first_model(models: list[Any], base_url: str) -> str:

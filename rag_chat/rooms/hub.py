@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 5000
 RETRY_S = 0.5
+# the longest pause between tries while Redis is away: events flow again at most this long
+# after it is back
+RETRY_MAX_S = 2.0
 STOP_WAIT_S = 3.0
 
 
@@ -122,10 +125,13 @@ class RoomHub:
             try:
                 events = await self.log.read(cursors, READ_BLOCK_MS)
                 delay = RETRY_S
-            except MemoryUnavailable as exc:
-                log.warning("room events paused: %s; retrying in %.1fs", exc, delay)
+            except Exception as exc:  # the one reader of every room must outlive any failure
+                if isinstance(exc, MemoryUnavailable):
+                    log.warning("room events paused: %s; retrying in %.1fs", exc, delay)
+                else:
+                    log.exception("room events paused; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, RETRY_MAX_S)
                 continue
             for event in events:
                 room = event["room"]

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 TYPING_TTL_S = 6.0
 PRIVATE_GRACE_S = 15.0
 WATCHDOG_S = 1.0
+# a reply cut off by a Redis outage is ended in its log if Redis is back within this
+UNREACHABLE_END_S = 120.0
 HISTORY_ON_JOIN = 50
 CLIENT_ID_TTL_S = 24 * 3600
 _ROOM = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -97,7 +99,12 @@ class Rooms:
         # keep a reference: the loop holds tasks weakly
         task = asyncio.create_task(coro)
         self._reply_tasks.add(task)
-        task.add_done_callback(self._reply_tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._reply_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("room task failed: %s", exc)  # e.g. a typing stop while Redis is down
 
     async def start(self) -> None:
         self.hub.start()
@@ -220,7 +227,12 @@ class Rooms:
             return None
         if ask:
             question = _AI_MENTION.sub(" ", text).strip() or text
-            reply = self.chat.start(question, room, question_id=msg["id"])
+            try:
+                reply = self.chat.start(question, room, question_id=msg["id"])
+            except BaseException:
+                if self.limits is not None:
+                    await self.limits.reply_finished(who, msg_id)
+                raise
             self.replies[reply.message_id] = reply
             self._spawn(self._run_reply(room, reply, msg["id"], who))
         return msg
@@ -275,12 +287,36 @@ class Rooms:
 
         watcher = await self.hub.subscribe(room, None, watch)
         watchdog = asyncio.create_task(self._watchdog(room, reply))
+        tokens = 0
         try:
             async for event in reply.events():
                 await self.log.append(room, {**event, "user": "ai", "reply_to": reply_to})
+                tokens += event.get("type") == "ai.token"
         except MemoryUnavailable as exc:
             log.warning("reply %s stopped, its room log is unreachable: %s", reply.message_id, exc)
             await reply.cancel()
+            # its members saw it start: end it in the log once Redis answers again, or they
+            # (and whoever resumes) would wait for its end forever
+            end = {
+                "type": "error",
+                "message_id": reply.message_id,
+                "conversation_id": reply.conversation_id,
+                "code": exc.code,
+                "message": "the answer was cut off: the room's event log was unreachable",
+                "partial": tokens > 0,
+                "user": "ai",
+                "reply_to": reply_to,
+            }
+            give_up = time.monotonic() + UNREACHABLE_END_S
+            while True:
+                try:
+                    await self.log.append(room, end)
+                    break
+                except MemoryUnavailable:
+                    if time.monotonic() >= give_up:
+                        log.warning("reply %s: its end could not be logged", reply.message_id)
+                        break
+                    await asyncio.sleep(WATCHDOG_S)
         finally:
             watchdog.cancel()
             self.hub.unsubscribe(watcher)

@@ -148,7 +148,12 @@ def test_health_readiness_metrics_and_openapi(make_app: Any) -> None:
         assert checks["llm"] == {"ok": True, "model": "fake"}
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert "new WebSocket(" in page.text and ".innerHTML" not in page.text
+        # the React UI (make builds it into frontend/dist), under a strict CSP
+        assert '<div id="root">' in page.text and "/assets/" in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        script = page.text.split('src="', 1)[1].split('"', 1)[0]
+        assert client.get(script).status_code == 200
         metrics = client.get("/metrics").text
         assert "rag_ws_connections" in metrics and "rag_replies_total" in metrics
         paths = client.get("/openapi.json").json()["paths"]
