@@ -143,9 +143,7 @@ class Pipeline:
         self.display_root = display_root
         try:
             # the server hands over its own, already loaded (uploads from the browser)
-            self.embedder = embedder or Embedder(
-                settings.embedding_model, batch_size or settings.embedding_batch_size
-            )
+            self.embedder = embedder or Embedder.from_settings(settings, batch_size)
             window = self.embedder.max_tokens
         except EmbedderError as exc:
             raise IngestError(str(exc)) from exc

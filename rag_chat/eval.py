@@ -1,10 +1,14 @@
 """Retrieval evaluation on a BEIR-format dataset, through the real ingest + retrieval pipeline.
 
     python -m rag_chat.eval ../shared/datasets/scifact --split train
+    python -m rag_chat.eval ../shared/datasets/scifact --split train --url http://127.0.0.1:8000
 
 The corpus is ingested (incrementally: a second run embeds nothing) into its own collection,
-then every query with judgements is run. Scores are at document level: a document's score is
-its best chunk's. Metrics: nDCG@10 (graded gains from the qrels), Recall@10, Recall@100, MRR@10.
+then every query with judgements is run, in process through the same ``Retriever`` the server
+uses, or with ``--url`` through a running server's ``POST /api/search`` (start it with
+``RAG_COLLECTION`` set to the collection this command names). Scores are at document level: a
+document's score is its best chunk's. Metrics: nDCG@10 (graded gains from the qrels),
+Recall@10, Recall@100, MRR@10.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from rag_chat.settings import Settings
 
 # Chunks asked of a ranker per query: enough distinct documents for Recall@100.
 CHUNK_DEPTH = 300
+HTTP_DEPTH = 200  # /api/search's largest k
 
 
 class DatasetError(Exception):
@@ -94,12 +99,29 @@ def metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict
 EvalMode = Literal["dense", "dense-first", "bm25", "hybrid"]
 
 
-def evaluate(retriever: Retriever, data: Dataset, mode: EvalMode) -> tuple[dict[str, float], float]:
+def search_http(url: str, query: str, k: int, mode: str) -> list[Hit]:
+    import httpx
+
+    r = httpx.post(
+        f"{url.rstrip('/')}/api/search", json={"query": query, "k": k, "mode": mode}, timeout=60
+    )
+    r.raise_for_status()
+    return [
+        Hit(str(c["id"]), float(c["score"]), "", {"doc_id": str(c["doc_id"])})
+        for c in r.json()["results"]
+    ]
+
+
+def evaluate(
+    retriever: Retriever, data: Dataset, mode: EvalMode, url: str | None = None
+) -> tuple[dict[str, float], float]:
     """``dense-first`` ranks each document by its first chunk only: the published MTEB protocol
     (one embedding of title + text, truncated at the model's 256 tokens), through our pipeline."""
     qids = list(data.queries)
     t0 = time.perf_counter()
-    if mode in ("dense", "dense-first"):
+    if url is not None and mode != "dense-first":
+        results = [search_http(url, data.queries[q], HTTP_DEPTH, mode) for q in qids]
+    elif mode in ("dense", "dense-first"):
         where = {"position": 0} if mode == "dense-first" else None
         results = retriever.dense_many([data.queries[q] for q in qids], CHUNK_DEPTH, where)
     else:
@@ -124,6 +146,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="dense-first: each document ranked by its first chunk only (the published protocol)",
     )
     p.add_argument("--collection", help="collection for the corpus (default: beir-FOLDERNAME)")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "onnx-int8"],
+        help="embedding backend (default: RAG_EMBEDDING_BACKEND); int8 gets its own collection",
+    )
+    p.add_argument(
+        "--url",
+        help="query a running server's POST /api/search instead (started on the same collection)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
 
@@ -132,8 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 2
-    collection = args.collection or f"beir-{args.dataset.resolve().name}"
-    settings = Settings(collection=collection)
+    settings = Settings()
+    if args.backend:
+        settings = settings.model_copy(update={"embedding_backend": args.backend})
+    suffix = "-int8" if settings.embedding_backend == "onnx-int8" else ""
+    collection = args.collection or f"beir-{args.dataset.resolve().name}{suffix}"
+    settings = settings.model_copy(update={"collection": collection})
 
     from ingest.pipeline import Pipeline
 
@@ -149,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     retriever = Retriever(settings, embedder=pipeline.embedder)
     results = {}
     for mode in args.mode:
-        scores, ms = evaluate(retriever, data, mode)
+        scores, ms = evaluate(retriever, data, mode, args.url)
         results[mode] = {**scores, "ms_per_query": ms}
     if args.json:
         print(

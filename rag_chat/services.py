@@ -66,7 +66,7 @@ class Services:
         embedder: Embedder | None = None,
     ) -> Services:
         memory = memory or await open_memory(settings)
-        embedder = embedder or Embedder(settings.embedding_model, settings.embedding_batch_size)
+        embedder = embedder or Embedder.from_settings(settings)
         retriever = await asyncio.to_thread(Retriever, settings, embedder=embedder)
         # load torch and the weights now, not on the first user's question
         await asyncio.to_thread(embedder.encode, ["warm up"])

@@ -30,10 +30,22 @@ class Settings(BaseSettings):
     # embeddings: a sentence-transformers model path; unset means the packaged all-MiniLM-L6-v2
     embedding_model: str | None = None
     embedding_batch_size: int = Field(default=64, ge=1, le=4096)
+    # how the model runs: torch (sentence-transformers), onnx (ONNX Runtime, same vectors) or
+    # onnx-int8 (int8 weights: faster, vectors within ~0.99 cosine); see retrieval/embedder.py
+    embedding_backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    # where the exported ONNX graphs are cached; unset means RAG_DATA_DIR/models
+    embedding_cache_dir: Path | None = None
     # chunk size in tokens of the embedding model's tokenizer, special tokens and the
     # title/heading context included; never more than the model's window
     chunk_tokens: int = Field(default=256, ge=32, le=8192)
     chunk_overlap: int = Field(default=32, ge=0, le=1024)
+    # hybrid retrieval (rag_chat/retrieval/search.py): the fusion of dense and BM25 candidates,
+    # and dense pseudo-relevance feedback; defaults chosen on SciFact by the aggregate
+    fusion: Literal["convex", "rrf"] = "convex"
+    fusion_candidates: int = Field(default=100, ge=1, le=1000)
+    fusion_dense_weight: float = Field(default=0.5, ge=0, le=1)
+    prf_chunks: int = Field(default=0, ge=0, le=100)
+    prf_weight: float = Field(default=1.0, ge=0, le=10)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     # conversation memory (rag_chat.memory): the newest memory_max_messages messages of a
@@ -59,6 +71,10 @@ class Settings(BaseSettings):
     llm_read_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
 
     top_k: int = Field(default=5, ge=1, le=100)
+    # "don't know": when the best retrieved chunk's cosine similarity to the (rewritten) query
+    # is under this, the answer says the documents do not cover it, without asking the LLM.
+    # -1 turns it off. Chosen by `python -m rag_chat.eval_answers --relevance`.
+    min_relevance: float = Field(default=0.3, ge=-1.0, le=1.0)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 

@@ -19,6 +19,19 @@ SCIFACT = (ROOT.parent / "shared" / "datasets" / "scifact").resolve()
 TEST_REDIS_DB = 13  # Redis DB index used by tests; keys carry a per-test prefix
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One cache of exported ONNX graphs for the whole session, servers it starts included:
+    each test's own RAG_DATA_DIR would export the model again."""
+    old = os.environ.get("RAG_EMBEDDING_CACHE_DIR")
+    os.environ["RAG_EMBEDDING_CACHE_DIR"] = str(tmp_path_factory.mktemp("models"))
+    yield
+    if old is None:
+        os.environ.pop("RAG_EMBEDDING_CACHE_DIR", None)
+    else:
+        os.environ["RAG_EMBEDDING_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
     """The real packaged all-MiniLM-L6-v2, loaded once per test session."""

@@ -138,7 +138,9 @@ class SearchIn(BaseModel):
 
 class SearchHit(BaseModel):
     id: str
-    score: float
+    score: float  # the ranker's: fused (hybrid), cosine (dense) or BM25
+    # cosine similarity of query and chunk, comparable across modes and queries
+    relevance: float | None = None
     text: str
     source: str | None
     doc_id: str | None
@@ -173,6 +175,7 @@ async def search(body: SearchIn, request: Request) -> SearchOut:
             SearchHit(
                 id=h.id,
                 score=h.score,
+                relevance=h.relevance,
                 text=h.text,
                 source=_str(h.metadata.get("source")),
                 doc_id=_str(h.metadata.get("doc_id")),

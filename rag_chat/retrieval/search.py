@@ -1,7 +1,22 @@
-"""The retriever: dense (Chroma), keyword (BM25) and hybrid (reciprocal-rank fusion).
+"""The retriever: dense (Chroma), keyword (BM25) and hybrid (their fusion).
 
-All methods are blocking (torch, Chroma, numpy); the server calls them in a worker thread.
-The keyword index is reloaded when an ingest run has swapped in a new one.
+Hybrid search, chunk level:
+
+1. the query is embedded; Chroma gives the ``candidates`` nearest chunks (ids and cosines only),
+   BM25 its ``candidates`` best;
+2. fusion: ``convex`` scales each ranker's candidate scores to [0, 1] (min-max over its own
+   candidates; a chunk the ranker did not return scores 0) and adds them with ``dense_weight``
+   and ``1 - dense_weight``; ``rrf`` is reciprocal-rank fusion;
+3. optional dense pseudo-relevance feedback (``prf_chunks`` > 0): the query vector moves toward
+   the mean of the top fused chunks' vectors (``prf_weight``), Chroma is asked again, and the
+   fusion is redone with the BM25 list;
+4. only the k kept chunks are read back (text, metadata, vector), and each hit's ``relevance`` is
+   the cosine of the original query and the chunk: one scale, whatever the ranker.
+
+The defaults are what ``benchmarks/retrieval_quality.py`` chose on SciFact by the aggregate;
+README "Retrieval quality" has the figures. All methods are blocking (ONNX Runtime or torch,
+Chroma, numpy); the server calls them in a worker thread. The keyword index is reloaded when an
+ingest run has swapped in a new one.
 """
 
 from __future__ import annotations
@@ -24,10 +39,22 @@ RRF_K = 60
 
 @dataclass(frozen=True)
 class Fusion:
+    method: Literal["convex", "rrf"] = "convex"
     candidates: int = 100  # per ranker, before fusion
+    dense_weight: float = 0.5  # convex: the dense share, BM25 gets the rest
     rrf_k: int = RRF_K
-    dense_weight: float = 1.0
-    bm25_weight: float = 1.0
+    prf_chunks: int = 0  # dense pseudo-relevance feedback from this many top chunks; 0: off
+    prf_weight: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Fusion:
+        return cls(
+            method=settings.fusion,
+            candidates=settings.fusion_candidates,
+            dense_weight=settings.fusion_dense_weight,
+            prf_chunks=settings.prf_chunks,
+            prf_weight=settings.prf_weight,
+        )
 
 
 class Retriever:
@@ -40,13 +67,11 @@ class Retriever:
     ) -> None:
         self.settings = settings
         self.collection = collection or settings.collection
-        self.embedder = embedder or Embedder(
-            settings.embedding_model, settings.embedding_batch_size
-        )
+        self.embedder = embedder or Embedder.from_settings(settings)
         self.store = VectorStore(
             make_client(settings.data_dir, settings.chroma_url), self.collection, self.embedder.name
         )
-        self.fusion = fusion or Fusion()
+        self.fusion = fusion or Fusion.from_settings(settings)
         self._bm25_dir = settings.collection_dir(self.collection) / "bm25"
         self._bm25: KeywordIndex | None = None
         self._bm25_stamp: float | None = None
@@ -79,29 +104,50 @@ class Retriever:
         return [Hit(cid, s, *found[cid]) for cid, s in ranked if cid in found]
 
     def hybrid(self, query: str, k: int) -> list[Hit]:
-        n = max(k, self.fusion.candidates)
-        dense = self.dense(query, n)
-        sparse = self.keyword_index().search(query, n)
-        return self._fuse(dense, sparse, k)
+        import numpy as np
 
-    def _fuse(self, dense: list[Hit], sparse: list[tuple[str, float]], k: int) -> list[Hit]:
+        f = self.fusion
+        n = max(k, f.candidates)
+        qvec = self.embedder.encode([query])[0]
+        sparse = self.keyword_index().search(query, n)
+        dense = self.store.ranked(qvec, n)
+        fused = self._fuse(dense, sparse)
+        if f.prf_chunks > 0 and fused:
+            top = sorted(fused, key=fused.__getitem__, reverse=True)[: f.prf_chunks]
+            vecs = self.store.fetch(top)
+            if vecs:
+                centroid = np.mean([v for _, _, v in vecs.values()], axis=0)
+                q2 = qvec + f.prf_weight * centroid
+                q2 = (q2 / max(float(np.linalg.norm(q2)), 1e-9)).astype(np.float32)
+                fused = self._fuse(self.store.ranked(q2, n), sparse)
+        top = sorted(fused, key=fused.__getitem__, reverse=True)[:k]
+        found = self.store.fetch(top)
+        return [
+            Hit(cid, fused[cid], found[cid][0], found[cid][1], float(found[cid][2] @ qvec))
+            for cid in top
+            if cid in found
+        ]
+
+    def _fuse(
+        self, dense: list[tuple[str, float]], sparse: list[tuple[str, float]]
+    ) -> dict[str, float]:
         f = self.fusion
         scores: dict[str, float] = {}
-        for rank, hit in enumerate(dense):
-            scores[hit.id] = scores.get(hit.id, 0.0) + f.dense_weight / (f.rrf_k + rank + 1)
-        for rank, (cid, _) in enumerate(sparse):
-            scores[cid] = scores.get(cid, 0.0) + f.bm25_weight / (f.rrf_k + rank + 1)
-        top = sorted(scores, key=lambda c: scores[c], reverse=True)[:k]
-        known = {h.id: h for h in dense}
-        missing = self.store.get([c for c in top if c not in known])
-        out = []
-        for cid in top:
-            if cid in known:
-                h = known[cid]
-                out.append(Hit(cid, scores[cid], h.text, h.metadata))
-            elif cid in missing:
-                out.append(Hit(cid, scores[cid], *missing[cid]))
-        return out
+        if f.method == "rrf":
+            for ranked in (dense, sparse):
+                for rank, (cid, _) in enumerate(ranked):
+                    scores[cid] = scores.get(cid, 0.0) + 1.0 / (f.rrf_k + rank + 1)
+            return scores
+        for ranked, weight in ((dense, f.dense_weight), (sparse, 1.0 - f.dense_weight)):
+            if not ranked:
+                continue
+            hi = max(s for _, s in ranked)
+            lo = min(s for _, s in ranked)
+            span = hi - lo
+            for cid, s in ranked:
+                scaled = (s - lo) / span if span > 0 else 1.0
+                scores[cid] = scores.get(cid, 0.0) + weight * scaled
+        return scores
 
     def search(self, query: str, k: int, mode: Mode = "hybrid") -> list[Hit]:
         if mode == "dense":

@@ -27,9 +27,12 @@ class StoreError(Exception):
 @dataclass(frozen=True)
 class Hit:
     id: str
-    score: float
+    score: float  # the ranker's score: cosine (dense), BM25, or the fused score (hybrid)
     text: str
     metadata: Metadata
+    # cosine similarity of the query and this chunk, on one scale whatever the ranker: what
+    # "is anything relevant at all?" is judged on. None where the ranker did not compute it.
+    relevance: float | None = None
 
 
 def make_client(data_dir: Path, chroma_url: str | None = None) -> Any:
@@ -122,17 +125,15 @@ class VectorStore:
     def query(
         self, embedding: npt.NDArray[np.float32], k: int, where: dict[str, Any] | None = None
     ) -> list[Hit]:
-        n = self.count()
-        if n == 0:
-            return []
+        """The k nearest chunks with their text and metadata (score and relevance: cosine)."""
         res = self.collection.query(
             query_embeddings=[embedding],
-            n_results=min(k, n),
+            n_results=k,  # more than the collection holds is fine: fewer come back
             where=where,
             include=["documents", "metadatas", "distances"],
         )
         return [
-            Hit(cid, 1.0 - float(dist), doc or "", dict(meta or {}))
+            Hit(cid, 1.0 - float(dist), doc or "", dict(meta or {}), 1.0 - float(dist))
             for cid, doc, meta, dist in zip(
                 res["ids"][0],
                 res["documents"][0],
@@ -141,6 +142,29 @@ class VectorStore:
                 strict=True,
             )
         ]
+
+    def ranked(self, embedding: npt.NDArray[np.float32], k: int) -> list[tuple[str, float]]:
+        """The k nearest chunk ids and cosines, nothing else read: a fusion's candidates."""
+        res = self.collection.query(
+            query_embeddings=[embedding], n_results=k, include=["distances"]
+        )
+        return [
+            (cid, 1.0 - float(d)) for cid, d in zip(res["ids"][0], res["distances"][0], strict=True)
+        ]
+
+    def fetch(self, ids: Sequence[str]) -> dict[str, tuple[str, Metadata, npt.NDArray[np.float32]]]:
+        """Text, metadata and embedding of these chunks (the few a fusion kept)."""
+        import numpy as np
+
+        if not ids:
+            return {}
+        res = self.collection.get(ids=list(ids), include=["documents", "metadatas", "embeddings"])
+        return {
+            cid: (doc or "", dict(meta or {}), np.asarray(vec, dtype=np.float32))
+            for cid, doc, meta, vec in zip(
+                res["ids"], res["documents"], res["metadatas"], res["embeddings"], strict=True
+            )
+        }
 
     def drop(self) -> None:
         self.client.delete_collection(self.name)

@@ -1,0 +1,116 @@
+"""The retriever's hybrid search and the embedding backends, with the real model and real Chroma."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rag_chat.retrieval.embedder import BACKENDS, Embedder, EmbedderError
+from rag_chat.retrieval.search import Fusion, Retriever
+from rag_chat.settings import Settings
+
+TEXTS = [
+    "How do I ingest PDF files into the knowledge base?",
+    "Redis keeps the conversation memory and the room event logs.",
+    "The WebSocket protocol sends ai.token events while the answer streams.",
+    "Paracetamol overdose damages the liver.",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Embedder]:
+    cache = tmp_path_factory.mktemp("onnx")
+    return {b: Embedder(backend=b, cache_dir=cache) for b in BACKENDS}
+
+
+def test_onnx_backends_compute_the_same_model(backends: dict[str, Embedder]) -> None:
+    ref = backends["torch"].encode(TEXTS)
+    fp32 = backends["onnx"].encode(TEXTS)
+    int8 = backends["onnx-int8"].encode(TEXTS)
+    assert fp32.shape == int8.shape == ref.shape == (len(TEXTS), 384)
+    for vecs in (fp32, int8):
+        assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    # fp32 ONNX is the same function; int8 weights move vectors a little, not the ranking
+    assert (fp32 * ref).sum(axis=1).min() > 0.9999
+    cos_int8 = (int8 * ref).sum(axis=1)
+    assert cos_int8.min() > 0.97 and cos_int8.mean() > 0.985
+    sims_ref = ref[:4] @ ref[:4].T
+    sims_int8 = int8[:4] @ int8[:4].T
+    assert np.array_equal(np.argsort(-sims_ref, axis=1), np.argsort(-sims_int8, axis=1))
+    # batch composition does not change a vector (padding is masked out of the mean)
+    alone = backends["onnx"].encode([TEXTS[0]])[0]
+    assert float(alone @ fp32[0]) > 0.99999
+
+
+def test_the_export_is_cached_and_reused(tmp_path: Path, backends: dict[str, Embedder]) -> None:
+    backends["onnx-int8"].load()
+    files = sorted(p.name for p in backends["onnx"].cache_dir.iterdir())
+    assert any(f.endswith(".int8.onnx") for f in files) and any(
+        f.endswith(".onnx") and ".int8" not in f for f in files
+    )
+    assert not [f for f in files if f.endswith(".tmp")]
+    again = Embedder(backend="onnx", cache_dir=backends["onnx"].cache_dir)
+    before = {p: p.stat().st_mtime_ns for p in again.cache_dir.iterdir()}
+    again.encode(["cached"])
+    assert {p: p.stat().st_mtime_ns for p in again.cache_dir.iterdir()} == before
+
+
+def test_an_unknown_backend_is_refused_in_one_line() -> None:
+    with pytest.raises(EmbedderError, match="unknown embedding backend 'tpu'"):
+        Embedder(backend="tpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="embedding_backend"):
+        Settings(embedding_backend="tpu", _env_file=None)  # type: ignore[arg-type,call-arg]
+
+
+@pytest.fixture(scope="module")
+def retriever(guide_index: Path, embedder: Embedder) -> Retriever:
+    return Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
+
+
+def test_hybrid_hits_carry_the_query_chunk_cosine(retriever: Retriever, embedder: Embedder) -> None:
+    query = "How do I ingest PDF files?"
+    hits = retriever.search(query, 8)
+    assert len(hits) == 8
+    assert hits[0].metadata["source"] == "data/guide/ingesting.md"
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    qvec = embedder.encode([query])[0]
+    for h in hits:
+        assert h.relevance is not None and -1.0 <= h.relevance <= 1.0
+    # relevance is the stored chunk vector (title + heading + body) against the query
+    stored = retriever.store.fetch([h.id for h in hits])
+    for h in hits:
+        assert h.relevance == pytest.approx(float(stored[h.id][2] @ qvec), abs=1e-5)
+    # an off-topic question is far from everything: the scale the "don't know" check uses
+    off = retriever.search("What is the boiling point of tungsten in kelvin?", 5)
+    best_off = max(h.relevance or -1.0 for h in off)
+    assert best_off < hits[0].relevance - 0.2  # type: ignore[operator]
+
+
+def test_convex_fusion_keeps_what_either_ranker_alone_finds(retriever: Retriever) -> None:
+    # an exact rare term: BM25's strength
+    query = "RAG_LLM_BASE_URL"
+    bm25_top = retriever.keyword(query, 1)[0]
+    assert bm25_top.id in [h.id for h in retriever.search(query, 5)]
+    # words in no document: BM25 has nothing, and the dense ranking comes through unchanged
+    para = "forgetful chatbot amnesia yesterday"
+    assert retriever.keyword(para, 5) == []
+    assert [h.id for h in retriever.search(para, 5)] == [h.id for h in retriever.dense(para, 5)]
+
+
+@pytest.mark.parametrize(
+    "fusion",
+    [Fusion(method="rrf"), Fusion(prf_chunks=3, prf_weight=1.0), Fusion(dense_weight=1.0)],
+    ids=["rrf", "prf", "dense-only-weight"],
+)
+def test_other_fusion_settings_work(retriever: Retriever, fusion: Fusion) -> None:
+    other = Retriever(retriever.settings, embedder=retriever.embedder, fusion=fusion)
+    hits = other.search("How do I ingest PDF files?", 5)
+    assert len(hits) == 5 and hits[0].metadata["source"] == "data/guide/ingesting.md"
+    assert all(h.relevance is not None for h in hits)
+    if fusion.dense_weight == 1.0 and fusion.method == "convex":
+        # all the weight on the dense side: the order is the dense order
+        dense = [h.id for h in other.dense("How do I ingest PDF files?", 5)]
+        assert [h.id for h in hits][:3] == dense[:3]
