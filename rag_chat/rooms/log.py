@@ -15,28 +15,41 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from rag_chat.errors import MemoryUnavailable
+
+try:  # installed with chromadb; the stdlib gives the same values, several times slower
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None  # type: ignore[assignment]
 
 Event = dict[str, Any]
 
 LOG_MAXLEN = 10_000  # events kept per room (approximately: MAXLEN ~)
 LOG_TTL_S = 7 * 24 * 3600  # a room's log expires a week after its last event
 MAX_BLOCK_MS = 10_000
+MAX_FLUSHES = 4  # appends' pipelines in flight at once; more appends wait for the next one
+MAX_BATCH = 2000  # appends in one pipeline
+POOL_SIZE = 64  # connections per client: commands in flight beyond that wait for one
+POOL_WAIT_S = 5.0  # the longest wait for a connection before Redis counts as unreachable
 
+# events in ARGV order get seqs first+1 … first+n (first is returned), atomically
 _APPEND = """
-local seq = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return seq
+local n = #ARGV - 2
+local first = redis.call('INCRBY', KEYS[2], n) - n
+for i = 1, n do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[n + 1], (first + i) .. '-0', 'e', ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[n + 2])
+redis.call('EXPIRE', KEYS[2], ARGV[n + 2])
+return first
 """
 
 
@@ -44,6 +57,10 @@ class RoomLog(Protocol):
     kind: str
 
     async def append(self, room: str, event: Event) -> Event: ...
+
+    async def append_many(self, room: str, events: Sequence[Event]) -> list[Event]:
+        """``events`` appended in order, atomically, with consecutive seqs."""
+        ...
 
     async def since(self, room: str, after: int, limit: int = LOG_MAXLEN) -> list[Event]: ...
 
@@ -56,8 +73,111 @@ class RoomLog(Protocol):
     async def aclose(self) -> None: ...
 
 
+def redis_client(url: str, max_connections: int = POOL_SIZE, **options: Any) -> Any:
+    """A client whose callers wait for one of ``max_connections`` connections (at most
+    ``POOL_WAIT_S``) rather than fail: redis-py's default pool raises "Too many connections"
+    past 100 commands in flight, which a few hundred streaming answers reach."""
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_S, decode_responses=True, **options
+    )
+    return Redis.from_pool(pool)
+
+
 def _stamp(room: str, seq: int, event: Event) -> Event:
     return {**event, "room": room, "seq": seq}
+
+
+def _encode(event: Event) -> str | bytes:
+    if orjson is not None:
+        try:
+            return orjson.dumps(event)
+        except (TypeError, orjson.JSONEncodeError):  # a lone surrogate, a huge integer
+            pass
+    return json.dumps(event)
+
+
+def _decode(raw: str | bytes) -> Event:
+    if orjson is not None:
+        try:
+            event: Event = orjson.loads(raw)
+            return event
+        except orjson.JSONDecodeError:  # a lone surrogate escaped by the stdlib
+            pass
+    decoded: Event = json.loads(raw)
+    return decoded
+
+
+class _Batcher:
+    """Runs one Lua script for many callers: the calls made while the event loop goes round
+    once go to Redis as one pipeline (one write, one read), with up to ``MAX_FLUSHES``
+    pipelines in flight. Per call that saves a connection checkout, a round trip of its own
+    and two system calls: with hundreds of answers streaming, most of what an append cost."""
+
+    def __init__(self, redis: Any, script: str) -> None:
+        self._redis = redis
+        self._script = redis.register_script(script)  # its sha, and SCRIPT LOAD when needed
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def run(self, keys: list[str], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((keys, args, future))
+        self._schedule(loop)
+        return await future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled and self._queue and len(self._flushes) < MAX_FLUSHES:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        batch = [call for call in batch if not call[2].done()]  # cancelled callers
+        if not batch:
+            return
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._schedule(asyncio.get_running_loop())
+
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            results = list(await self._pipeline(batch))
+            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if again:  # the first call, or Redis lost its scripts: load it, run those again
+                await self._redis.script_load(self._script.script)
+                redone = await self._pipeline([batch[i] for i in again])
+                for i, result in zip(again, redone, strict=True):
+                    results[i] = result
+        except (RedisError, OSError) as exc:
+            results = [exc] * len(batch)
+        except BaseException as exc:  # cancelled (shutdown): the callers must not hang
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(MemoryUnavailable(f"room event not written ({exc!r})"))
+            raise
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(
+                    MemoryUnavailable(f"Redis is not reachable for room events ({result})")
+                )
+            else:
+                future.set_result(result)
+
+    async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> Any:
+        sha = self._script.sha
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args, _ in batch:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
 
 
 class RedisRoomLog:
@@ -65,8 +185,8 @@ class RedisRoomLog:
 
     def __init__(self, url: str, prefix: str = "rag:") -> None:
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3)
-        self._redis: Any = Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, retry=retry
+        self._redis: Any = redis_client(
+            url, socket_connect_timeout=2, socket_timeout=5, retry=retry
         )
         # XREAD BLOCK holds its connection for up to MAX_BLOCK_MS on purpose: its own client,
         # whose socket timeout outlasts the block
@@ -77,20 +197,23 @@ class RedisRoomLog:
             socket_timeout=MAX_BLOCK_MS / 1000 + 5,
         )
         self.prefix = prefix
-        self._append = self._redis.register_script(_APPEND)
+        self._batch = _Batcher(self._redis, _APPEND)
 
     def _keys(self, room: str) -> tuple[str, str]:
         return f"{self.prefix}room:{room}:log", f"{self.prefix}room:{room}:seq"
 
     async def append(self, room: str, event: Event) -> Event:
-        event = {**event, "ts": event.get("ts") or time.time()}
-        try:
-            seq = await self._append(
-                keys=list(self._keys(room)), args=[json.dumps(event), LOG_MAXLEN, LOG_TTL_S]
-            )
-        except (RedisError, OSError) as exc:
-            raise MemoryUnavailable(f"Redis is not reachable for room events ({exc})") from exc
-        return _stamp(room, int(seq), event)
+        return (await self.append_many(room, [event]))[0]
+
+    async def append_many(self, room: str, events: Sequence[Event]) -> list[Event]:
+        if not events:
+            return []
+        now = time.time()
+        events = [{**e, "ts": e.get("ts") or now} for e in events]
+        first = await self._batch.run(
+            list(self._keys(room)), [*(_encode(e) for e in events), LOG_MAXLEN, LOG_TTL_S]
+        )
+        return [_stamp(room, int(first) + i, e) for i, e in enumerate(events, 1)]
 
     async def since(self, room: str, after: int, limit: int = LOG_MAXLEN) -> list[Event]:
         key = self._keys(room)[0]
@@ -98,7 +221,7 @@ class RedisRoomLog:
             rows = await self._redis.xrange(key, min=f"{after + 1}-0", max="+", count=limit)
         except (RedisError, OSError) as exc:
             raise MemoryUnavailable(f"Redis is not reachable for room events ({exc})") from exc
-        return [_stamp(room, int(eid.split("-")[0]), json.loads(f["e"])) for eid, f in rows]
+        return [_stamp(room, int(eid.split("-")[0]), _decode(f["e"])) for eid, f in rows]
 
     async def read(self, cursors: Mapping[str, int], block_ms: int) -> list[Event]:
         if not cursors:
@@ -114,7 +237,7 @@ class RedisRoomLog:
         for key, rows in reply or []:
             room = rooms[key]
             for eid, fields in rows:
-                out.append(_stamp(room, int(eid.split("-")[0]), json.loads(fields["e"])))
+                out.append(_stamp(room, int(eid.split("-")[0]), _decode(fields["e"])))
         return out
 
     async def last_seq(self, room: str) -> int:
@@ -154,6 +277,21 @@ class LocalRoomLog:
         async with self._changed:
             self._changed.notify_all()
         return stamped
+
+    async def append_many(self, room: str, events: Sequence[Event]) -> list[Event]:
+        now = time.time()
+        log = self._logs.setdefault(room, deque(maxlen=LOG_MAXLEN))
+        out = []
+        for event in events:
+            seq = self._seq.get(room, 0) + 1
+            self._seq[room] = seq
+            stamped = _stamp(room, seq, {**event, "ts": event.get("ts") or now})
+            log.append(stamped)
+            out.append(stamped)
+        if out:
+            async with self._changed:
+                self._changed.notify_all()
+        return out
 
     async def since(self, room: str, after: int, limit: int = LOG_MAXLEN) -> list[Event]:
         return [e for e in self._logs.get(room, ()) if e["seq"] > after][:limit]

@@ -20,11 +20,10 @@ import json
 import time
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from rag_chat.errors import MemoryUnavailable
-from rag_chat.rooms.log import LOG_MAXLEN, LOG_TTL_S, LocalRoomLog
+from rag_chat.rooms.log import LOG_MAXLEN, LOG_TTL_S, LocalRoomLog, redis_client
 
 PRESENCE_TTL_S = 30.0  # an entry not refreshed for this long is gone (its instance died)
 
@@ -113,9 +112,7 @@ class Presence(Protocol):
 class RedisPresence:
     def __init__(self, url: str, prefix: str = "rag:", ttl_s: float = PRESENCE_TTL_S) -> None:
         self.ttl_s = ttl_s
-        self._redis: Any = Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
-        )
+        self._redis: Any = redis_client(url, socket_connect_timeout=2, socket_timeout=5)
         self.prefix = prefix
         self._script = self._redis.register_script(_PRESENCE)
 

@@ -19,6 +19,7 @@ replays exactly what it missed, including the rest of an answer still streaming.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -64,6 +65,80 @@ class Member:
     @property
     def limit_key(self) -> str:
         return self.key or f"user:{self.user}"
+
+
+class ReplyWriter:
+    """Appends one reply's events to its room log, in order, one append in flight at a time.
+
+    ``put`` never waits for Redis: events that come while an append is on its way gather and
+    go out together in the next one (one round trip, one seq each). Tokens that come while a
+    token of the answer is on its way become one ``ai.token`` (their deltas concatenated): a
+    model faster than the round trip costs one append per round trip, not one per token,
+    and one slower than it still has each token go out alone as soon as it comes. A failed
+    append is raised by the next ``put`` or by ``close``; ``tokens`` counts the tokens the
+    log has taken."""
+
+    def __init__(self, room_log: RoomLog, room: str) -> None:
+        self.log = room_log
+        self.room = room
+        self.tokens = 0
+        self._pending: list[Event] = []
+        self._pending_tokens = 0
+        self._sending_tokens = False  # the append in flight carries a token
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._task = asyncio.create_task(self._run(), name=f"reply-writer:{room}")
+
+    def put(self, event: Event) -> None:
+        if self._error is not None:
+            raise self._error
+        pending = self._pending
+        if event.get("type") == "ai.token":
+            self._pending_tokens += 1
+            if self._sending_tokens and pending:
+                last = pending[-1]
+                if last.get("type") == "ai.token" and last.get("message_id") == event.get(
+                    "message_id"
+                ):
+                    pending[-1] = {**last, "delta": last["delta"] + event["delta"]}
+                    return
+        pending.append(event)
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Wait until everything put is in the log (or raise why it is not)."""
+        self._closed = True
+        self._wake.set()
+        await asyncio.shield(self._task)
+        if self._error is not None:
+            raise self._error
+
+    async def abort(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._pending = self._pending, []
+            count, self._pending_tokens = self._pending_tokens, 0
+            self._sending_tokens = count > 0
+            try:
+                await self.log.append_many(self.room, batch)
+            except Exception as exc:  # raised to the reply by the next put() or close()
+                self._error = exc
+                return
+            finally:
+                self._sending_tokens = False
+            self.tokens += count
 
 
 class Rooms:
@@ -287,11 +362,16 @@ class Rooms:
 
         watcher = await self.hub.subscribe(room, None, watch)
         watchdog = asyncio.create_task(self._watchdog(room, reply))
+        writer = ReplyWriter(self.log, room)
         tokens = 0
         try:
-            async for event in reply.events():
-                await self.log.append(room, {**event, "user": "ai", "reply_to": reply_to})
-                tokens += event.get("type") == "ai.token"
+            try:
+                async for event in reply.events():
+                    writer.put({**event, "user": "ai", "reply_to": reply_to})
+                await writer.close()
+            finally:
+                tokens = writer.tokens
+                await writer.abort()
         except MemoryUnavailable as exc:
             log.warning("reply %s stopped, its room log is unreachable: %s", reply.message_id, exc)
             await reply.cancel()
