@@ -17,10 +17,31 @@ from starlette.requests import HTTPConnection
 from rag_chat.auth import COOKIE, Principal, anonymous, bearer
 from rag_chat.services import Services
 
+try:  # installed with chromadb; the stdlib does the same, ten times slower
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None  # type: ignore[assignment]
+
 _ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 
 
 def dumps(obj: Any) -> str:
+    """Compact JSON, ``<``, ``>``, ``&`` escaped. Every frame a client gets goes through here:
+    orjson first (a tenth of the stdlib's time); the stdlib for what orjson refuses (a lone
+    surrogate, an integer over 64 bits), with the same result."""
+    if orjson is None:  # pragma: no cover
+        return _stdlib_dumps(obj)
+    try:
+        raw = orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return _stdlib_dumps(obj)
+    # UTF-8 never has these bytes inside a multi-byte character: only the ASCII ones match
+    if b"<" in raw or b">" in raw or b"&" in raw:
+        raw = raw.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
+    return raw.decode()
+
+
+def _stdlib_dumps(obj: Any) -> str:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_ESCAPES)
     try:
         text.encode("utf-8")

@@ -244,6 +244,10 @@ class _OpenAIGeneration(Generation):
                     if content:
                         self.produced += 1
                         queue.put_nowait(("delta", content))
+                        # let the reader take it now: a fast server's whole answer can sit in
+                        # one network read, and parsing all of it first delays the first token
+                        # by as long as the parsing takes
+                        await asyncio.sleep(0)
                     if choice.finish_reason == "length":
                         reason = "length"
         if not usage_seen:
