@@ -109,6 +109,16 @@ def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, url: s
     return Proc(name, popen, log, url)
 
 
+def log_dir(script: str) -> Path:
+    """benchmarks/out/logs/SCRIPT/, emptied: the child processes' logs of the last run, kept
+    for a look after it (a failed start prints their tails anyway)."""
+    path = OUT / "logs" / script
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.log"):
+        old.unlink()
+    return path
+
+
 def wait_ready(procs: Sequence[Proc], path: str, timeout: float = START_TIMEOUT_S) -> None:
     """Until each answers 200 on ``path``; raises (with the logs) if one dies or is late."""
     pending = list(procs)
@@ -288,6 +298,27 @@ class CpuMeter:
             out[name] = {"cpu_s": round(used, 2), "cores": round(used / wall, 3) if wall else 0.0}
         out["_wall"] = {"cpu_s": round(wall, 2), "cores": 1.0}
         return out
+
+
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average and the busiest other processes (by CPU share since they
+    started; ps): what else was running on the machine."""
+    load1, load5, _ = os.getloadavg()
+    others = []
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pid,pcpu,comm,args", "--sort=-pcpu", "--no-headers"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        for line in out.splitlines()[:6]:
+            pid, cpu, _comm, args = (line.split(None, 3) + [""] * 4)[:4]
+            if int(pid) != os.getpid() and float(cpu) >= 5:
+                others.append(f"{float(cpu):.0f}% {args[:80]}")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return {"load1": round(load1, 2), "load5": round(load5, 2), "busiest": others}
 
 
 def raise_open_files(wanted: int) -> tuple[int, int]:

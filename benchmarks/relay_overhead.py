@@ -42,7 +42,6 @@ import asyncio
 import json
 import math
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -62,6 +61,8 @@ from benchmarks._bench import (  # noqa: E402
     dist,
     fmt,
     guide_index,
+    log_dir,
+    machine_load,
     new_prefix,
     pct,
     plot_distributions,
@@ -344,27 +345,34 @@ def main() -> int:
     index_line = describe_index(data_dir, args.collection, smoke)
 
     prefix = new_prefix("relay")
-    with tempfile.TemporaryDirectory(prefix="relay-") as tmp:
-        log_dir = Path(tmp)
-        token = start_token_server(log_dir, args.tokens, 0)
-        server = None
-        try:
-            wait_ready([token], "/v1/models", 60)
-            server = start_rag_chat(log_dir, data_dir, args.collection, token.url + "/v1", prefix)
-            wait_ready([server], "/readyz")
-            samples = asyncio.run(measure(args, token.url, server.url))
-        finally:
-            if server is not None:
-                server.stop()
-            token.stop()
-            delete_prefix(prefix)
+    logs = log_dir("relay_overhead")
+    token = start_token_server(logs, args.tokens, 0)
+    server = None
+    try:
+        wait_ready([token], "/v1/models", 60)
+        server = start_rag_chat(logs, data_dir, args.collection, token.url + "/v1", prefix)
+        wait_ready([server], "/readyz")
+        load_before = machine_load()
+        samples = asyncio.run(measure(args, token.url, server.url))
+        load = {"before": load_before, "after": machine_load()}
+    finally:
+        if server is not None:
+            server.stop()
+        token.stop()
+        delete_prefix(prefix)
     summary = report(args, index_line, samples)
+    print(
+        f"machine load (1-min average) before {load['before']['load1']}, after "
+        f"{load['after']['load1']}; busiest other processes before: "
+        + ("; ".join(load["before"]["busiest"]) or "none over 5%")
+    )
     path = save_json(
         "relay_overhead.json",
         {
             "args": {**vars(args), "data_dir": str(data_dir)},
             "index": index_line,
             "summary": summary,
+            "machine_load": load,
             "samples": samples,
         },
     )
