@@ -86,7 +86,13 @@ class Services:
             return retriever.search(query, k, "hybrid")
 
         chat = ChatService(
-            llm, memory, search, top_k=settings.top_k, history_turns=settings.history_turns
+            llm,
+            memory,
+            search,
+            top_k=settings.top_k,
+            history_turns=settings.history_turns,
+            min_relevance=settings.min_relevance if settings.min_relevance > -1 else None,
+            embedder=embedder,  # the citation check
         )
         # room events live where the memory lives: Redis shared by every instance, or this
         # process alone when memory fell back to in-process

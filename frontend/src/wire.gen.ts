@@ -40,10 +40,17 @@ user: string
  */
 export interface AIDone {
 cancel_reason?: ("user" | "abandoned" | "server_shutdown")
+/**
+ * sources cited by a sentence of the answer that they support (checked)
+ */
 citations: number[]
 conversation_id?: string
 finish_reason: ("stop" | "length" | "cancelled")
 message_id: string
+/**
+ * retrieval found nothing relevant: the answer says so, without the LLM
+ */
+no_match?: boolean
 persisted: boolean
 /**
  * the id of the message it answers
@@ -62,6 +69,14 @@ timings: {
  */
 ts: number
 type: "ai.done"
+/**
+ * sources shown in ai.sources that nothing cites
+ */
+uncited?: number[]
+/**
+ * sources cited only by sentences they do not support
+ */
+unsupported?: number[]
 usage: Usage
 user: "ai"
 [k: string]: unknown
@@ -269,10 +284,18 @@ type: "error"
  * via the `definition` "HistoryMessage".
  */
 export interface HistoryMessage {
+/**
+ * an answer's cited sources that support it
+ */
+citations?: number[]
 content: string
 created_at: number
 finish_reason?: string
 id: string
+/**
+ * an answer without sources
+ */
+no_match?: boolean
 /**
  * the retrieval query of an answer
  */
@@ -282,6 +305,10 @@ role: ("user" | "assistant")
  * an answer's sources
  */
 sources?: Source[]
+/**
+ * an answer's cited sources that do not support it
+ */
+unsupported?: number[]
 /**
  * who wrote it (rooms)
  */

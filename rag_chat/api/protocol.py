@@ -60,6 +60,13 @@ class HistoryMessage(_Out):
     sources: list[Source] | Absent = Field(default=None, description="an answer's sources")
     query: str | Absent = Field(default=None, description="the retrieval query of an answer")
     finish_reason: str | Absent = Field(default=None)
+    citations: list[int] | Absent = Field(
+        default=None, description="an answer's cited sources that support it"
+    )
+    unsupported: list[int] | Absent = Field(
+        default=None, description="an answer's cited sources that do not support it"
+    )
+    no_match: bool | Absent = Field(default=None, description="an answer without sources")
 
 
 class Joined(_Out):
@@ -133,7 +140,20 @@ class AIDone(AIEvent):
     cancel_reason: Literal["user", "abandoned", "server_shutdown"] | Absent = Field(default=None)
     usage: Usage
     timings: dict[str, float | None]
-    citations: list[int]
+    citations: list[int] = Field(
+        description="sources cited by a sentence of the answer that they support (checked)"
+    )
+    unsupported: list[int] = Field(
+        default_factory=list,
+        description="sources cited only by sentences they do not support",
+    )
+    uncited: list[int] = Field(
+        default_factory=list, description="sources shown in ai.sources that nothing cites"
+    )
+    no_match: bool | Absent = Field(
+        default=None,
+        description="retrieval found nothing relevant: the answer says so, without the LLM",
+    )
     persisted: bool
 
 

@@ -37,6 +37,9 @@ class StoredMessage(TypedDict, total=False):
     sources: list[dict[str, Any]]  # assistant turns: the cited chunks
     query: str  # the (possibly rewritten) retrieval query
     finish_reason: str
+    citations: list[int]  # assistant turns: the sources its sentences cite and that back them
+    unsupported: list[int]  # ... cited, but backing none of the sentences that cite them
+    no_match: bool  # assistant turns: nothing relevant was found, the answer says so
     user: str  # rooms: who wrote it
 
 

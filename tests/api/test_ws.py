@@ -44,7 +44,8 @@ def test_a_question_streams_start_sources_tokens_done(make_app: Any) -> None:
         "Run `python -m ingest` [1]."
     )
     assert done["finish_reason"] == "stop"
-    assert done["citations"] == [1]
+    # [1] is cited; whether it supports the sentence is the checker's (tests/test_citations.py)
+    assert sorted(done["citations"] + done["unsupported"]) == [1]
     assert done["usage"]["completion_tokens"] == 3
     assert set(done["timings"]) >= {"retrieval_ms", "ttft_ms", "tokens_per_s", "total_ms"}
     # the prompt carried the numbered sources, fenced, and the question
@@ -130,7 +131,7 @@ def test_follow_up_is_rewritten_and_history_is_kept(make_app: Any) -> None:
             ws.send_json({"type": "message", "text": "and its host?", "conversation_id": cid})
             second = collect(ws)
         sources = next(e for e in second if e["type"] == "ai.sources")
-        assert sources["query"] == "Which port does the server listen on? and its host?"
+        assert sources["query"] == "port server listen on and its host?"
         # the model saw the earlier turn
         assert {"role": "assistant", "content": "Port 8000 [1]."} in llm.calls[1]
         r = client.get(f"/api/conversations/{cid}/messages")

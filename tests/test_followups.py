@@ -1,0 +1,83 @@
+"""Follow-up rewriting and its evaluation over the bundled guide (real embedder, real index)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rag_chat.chat import is_follow_up, rewrite_query
+from rag_chat.eval_followups import evaluate, first_relevant, history_of, main, scores
+from rag_chat.evalsets import load
+from rag_chat.retrieval.embedder import Embedder
+from rag_chat.retrieval.search import Retriever
+from rag_chat.retrieval.store import Hit
+from rag_chat.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("text", "follow_up"),
+    [
+        ("and its host?", True),
+        ("what about the port?", True),
+        ("what exit status does ingest return then?", True),
+        ("what do the other exit codes mean?", True),
+        ("anything else?", True),
+        ("PDFs?", True),  # very short
+        ("Which Python version does rag_chat require?", False),
+        ("How are documents split into chunks?", False),
+    ],
+)
+def test_what_counts_as_a_follow_up(text: str, follow_up: bool) -> None:
+    assert is_follow_up(text) is follow_up
+
+
+def test_the_rewrite_carries_the_previous_topic_not_its_phrasing() -> None:
+    history = history_of("What is the SSE endpoint?")
+    assert rewrite_query(history, "how do I resume it?") == "SSE endpoint how do I resume it?"
+    # the latest user question counts, not the answer
+    history += history_of("Which embedding model does rag_chat use?")
+    assert rewrite_query(history, "and its dimensions?") == (
+        "embedding model rag_chat use and its dimensions?"
+    )
+    # a standalone question, or no history: unchanged
+    assert rewrite_query(history, "How are documents chunked?") == "How are documents chunked?"
+    assert rewrite_query([], "and its port?") == "and its port?"
+    # a previous question of filler words only adds nothing
+    assert rewrite_query(history_of("What is it?"), "and then?") == "it and then?"
+
+
+def test_scores_and_ranks() -> None:
+    hits = [
+        Hit("a", 1, "", {"source": "data/guide/faq.rst", "heading": "FAQ > Which port"}),
+        Hit("b", 1, "", {"source": "data/guide/installing.md", "heading": "Installing > Port"}),
+    ]
+    assert first_relevant(hits, [{"source": "data/guide/installing.md"}]) == 2
+    assert first_relevant(hits, [{"source": "data/guide/faq.rst", "section": "port"}]) == 1
+    assert first_relevant(hits, [{"source": "data/guide/faq.rst", "section": "PDF"}]) is None
+    s = scores([1, 2, None, 7])
+    assert s["R@1"] == 0.25 and s["R@3"] == 0.5 and s["R@10"] == 0.75
+    assert s["MRR@10"] == pytest.approx((1 + 0.5 + 1 / 7) / 4)
+
+
+def test_the_evaluation_on_a_few_pairs(guide_index: Path, embedder: Embedder) -> None:
+    retriever = Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
+    pairs = load("followups.jsonl", 6)
+    result = evaluate(lambda q, k: retriever.search(q, k, "hybrid"), pairs)
+    assert result["pairs"] == 6
+    assert set(result["results"]) == {"standalone", "raw", "rewritten", "rewritten-v1"}
+    row = result["per_pair"][0]
+    assert row["rewritten_query"] == "ingest PDFs and do answers cite the page?"
+    table = result["results"]
+    # the standalone questions find their section; the rewrite does not lose to them here
+    assert table["standalone"]["R@5"] == 1.0
+    assert table["rewritten"]["R@5"] >= table["raw"]["R@5"]
+
+
+def test_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m rag_chat.eval_followups`: ingests the guide itself, prints the table."""
+    assert main(["--limit", "3", "--data-dir", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pairs"] == 3
+    assert all(0 <= r["MRR@10"] <= 1 for r in result["results"].values())
