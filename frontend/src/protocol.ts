@@ -110,6 +110,12 @@ export interface HistoryMessage {
   sources?: SourceChunk[] | null;
   query?: string | null;
   finish_reason?: string | null;
+  /** An answer's cited sources that support the sentence citing them (server-checked). */
+  citations?: number[] | null;
+  /** An answer's cited sources that support none of the sentences citing them. */
+  unsupported?: number[] | null;
+  /** Nothing relevant was found: the answer says so, with no sources. */
+  no_match?: boolean | null;
 }
 
 /** Not a log event: `joined` carries no seq (its `last_seq` is the log's head). */
@@ -186,13 +192,17 @@ export interface AiDoneEvent extends AiBase {
   finish_reason: "stop" | "length" | "cancelled";
   usage: Usage;
   timings: Timings;
+  /** Sources cited by a sentence they support: the server checks every citation. */
   citations: number[];
   persisted: boolean;
   /** Why a reply was cancelled when nobody asked, e.g. "server_shutdown". */
   cancel_reason?: "user" | "abandoned" | "server_shutdown" | null;
-  /** May be added by the server later. */
-  supported_citations?: number[];
+  /** Sources cited only by sentences they do not support. */
   unsupported?: number[];
+  /** Sources of ai.sources that nothing cites. */
+  uncited?: number[];
+  /** Retrieval found nothing relevant: the answer says so, without the LLM. */
+  no_match?: boolean;
 }
 
 export interface AiCancelEvent extends RoomStamp {

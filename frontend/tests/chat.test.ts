@@ -148,10 +148,30 @@ describe("reducer: AI replies", () => {
     s = run(s, srv(ev("team", { type: "ai.done", message_id: "r1", finish_reason: "stop", usage: { prompt_tokens: 10, completion_tokens: 5 }, timings: { total_ms: 100 }, citations: [1], persisted: true, unsupported: [2], cancel_reason: undefined, extra_future_field: 1 })));
     r = msgs(s, "team")[0]!;
     expect(r).toMatchObject({ streaming: false, finishReason: "stop", citations: [1], unsupported: [2] });
+    expect(r.uncited).toBeUndefined();
+    expect(r.noMatch).toBeUndefined();
     expect(streamingReplies(s.rooms.team)).toHaveLength(0);
     // a stray token after done changes nothing
     s = run(s, srv(tok("team", "zzz")));
     expect(msgs(s, "team")[0]!.text).toBe(r.text);
+  });
+
+  it("done carries the citation check: uncited sources, and no_match for a don't-know answer", () => {
+    let s = joinedState("team");
+    s = run(
+      s,
+      srv(ev("team", { type: "ai.start", message_id: "r1", user: "ai", conversation_id: "team" })),
+      srv(ev("team", { type: "ai.sources", message_id: "r1", query: "q", chunks: [chunk(1), chunk(2), chunk(3)] })),
+      srv(tok("team", "A [1]. B [2].")),
+      srv(ev("team", { type: "ai.done", message_id: "r1", finish_reason: "stop", usage: { prompt_tokens: 1, completion_tokens: 1 }, timings: {}, citations: [1], unsupported: [2], uncited: [3], persisted: true })),
+      srv(ev("team", { type: "ai.start", message_id: "r2", user: "ai", conversation_id: "team" })),
+      srv(ev("team", { type: "ai.sources", message_id: "r2", query: "off topic", chunks: [] })),
+      srv(tok("team", "I don't know.", "r2")),
+      srv(ev("team", { type: "ai.done", message_id: "r2", finish_reason: "stop", usage: { prompt_tokens: 0, completion_tokens: 0 }, timings: {}, citations: [], unsupported: [], uncited: [], no_match: true, persisted: true })),
+    );
+    const [r1, r2] = msgs(s, "team");
+    expect(r1).toMatchObject({ citations: [1], unsupported: [2], uncited: [3] });
+    expect(r2).toMatchObject({ citations: [], sources: [], noMatch: true, streaming: false, text: "I don't know." });
   });
 
   it("keeps interleaved replies in different rooms apart", () => {
@@ -272,5 +292,25 @@ describe("reducer: private conversations", () => {
       srv(joined("conv", "alice", { history: [{ id: "u", role: "user", content: "q", created_at: 1 }, { id: "a", role: "assistant", content: "ans", created_at: 2, finish_reason: "cancelled" }] })),
     );
     expect(msgs(s, "conv").map((m) => [m.mine ?? false, m.finishReason ?? null])).toEqual([[true, null], [false, "cancelled"]]);
+  });
+
+  it("history keeps an answer's checked citations and a no-match answer", () => {
+    seqs = {};
+    const s = run(
+      initialState,
+      { type: "open", room: "conv", kind: "conversation" },
+      srv(
+        joined("conv", "alice", {
+          history: [
+            { id: "a", role: "assistant", content: "Port 8000 [1]. Also [2].", created_at: 1, sources: [chunk(1), chunk(2), chunk(3)], citations: [1], unsupported: [2] },
+            { id: "b", role: "assistant", content: "I don't know.", created_at: 2, sources: [], citations: [], no_match: true },
+          ],
+        }),
+      ),
+    );
+    const [a, b] = msgs(s, "conv");
+    expect(a).toMatchObject({ citations: [1], unsupported: [2] });
+    expect(a!.noMatch).toBeUndefined();
+    expect(b).toMatchObject({ citations: [], noMatch: true, sources: [] });
   });
 });

@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { citationsInMarkdown, maskCode, splitCitations } from "../src/state/citations";
+import { sourceVerdict } from "../src/ui/MessageView";
 
 describe("splitCitations", () => {
   it("splits [1] and adjacent [2][3]", () => {
@@ -54,5 +55,16 @@ describe("maskCode", () => {
   });
   it("an unmatched backtick is literal", () => {
     expect(maskCode("a ` b [1]")).toBe("a ` b [1]");
+  });
+});
+
+describe("sourceVerdict (the source list of an answer)", () => {
+  const cited = new Set([1]);
+  const unsupported = new Set([2]);
+  it("after the check: cited only when it supports its sentence, unsupported and uncited marked", () => {
+    expect([1, 2, 3].map((n) => sourceVerdict(n, cited, unsupported, true))).toEqual(["cited", "unsupported", "uncited"]);
+  });
+  it("while streaming (not checked yet): only the markers seen so far", () => {
+    expect([1, 2, 3].map((n) => sourceVerdict(n, cited, unsupported, false))).toEqual(["cited", null, null]);
   });
 });

@@ -39,8 +39,14 @@ export interface ChatMessage {
   replyTo?: string | null;
   query?: string | null;
   sources?: SourceChunk[];
+  /** After ai.done: the sources that support the sentences citing them. */
   citations?: number[];
+  /** Cited, but supporting none of the sentences that cite them. */
   unsupported?: number[];
+  /** Shown, never cited. */
+  uncited?: number[];
+  /** Nothing in the documents matched: the answer says so and has no sources. */
+  noMatch?: boolean;
   finishReason?: "stop" | "length" | "cancelled" | "error" | null;
   cancelledBy?: string;
   cancelReason?: string;
@@ -356,6 +362,8 @@ function done(m: ChatMessage, ev: AiDoneEvent): ChatMessage {
     timings: ev.timings,
   };
   if (Array.isArray(ev.unsupported)) out.unsupported = ev.unsupported;
+  if (Array.isArray(ev.uncited)) out.uncited = ev.uncited;
+  if (ev.no_match === true) out.noMatch = true;
   if (typeof ev.cancel_reason === "string") out.cancelReason = ev.cancel_reason;
   return out;
 }
@@ -431,6 +439,9 @@ export function fromHistory(h: HistoryMessage, me: string | null, kind: RoomKind
     const fr = h.finish_reason;
     msg.finishReason = fr === "stop" || fr === "length" || fr === "cancelled" || fr === "error" ? fr : "stop";
     msg.streaming = false;
+    if (Array.isArray(h.citations)) msg.citations = h.citations;
+    if (Array.isArray(h.unsupported)) msg.unsupported = h.unsupported;
+    if (h.no_match === true) msg.noMatch = true;
   } else {
     msg.mine = kind === "conversation" || (h.user != null && h.user === me);
   }

@@ -45,8 +45,12 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
     const source = sources.find((s) => s.n === n);
     if (source) onOpenSource({ messageId: msg.id, n, source, returnTo: el });
   };
-  const cited = new Set(msg.citations && !msg.streaming ? msg.citations : citationsInMarkdown(msg.text, sources.length));
+  // once the answer is done, the server's check decides: only sources that support the
+  // sentence citing them count as cited; the others are marked
+  const checked = Boolean(msg.citations) && !msg.streaming;
+  const cited = new Set(checked ? msg.citations : citationsInMarkdown(msg.text, sources.length));
   const unsupported = msg.unsupported ?? NONE;
+  const unsupportedSet = new Set(unsupported);
   const st = statusText(msg, offline);
   const author = ai ? "Assistant" : privateChat ? "You" : msg.mine ? `${msg.user} (you)` : msg.user;
 
@@ -96,15 +100,19 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
             Sources ({sources.length}){msg.query ? <span className="query"> · searched for “{msg.query}”</span> : null}
           </summary>
           <ol>
-            {sources.map((s) => (
-              <li key={s.n} className={cited.has(s.n) ? "cited" : undefined}>
-                <button type="button" className="source-link" onClick={(e) => open(s.n, e.currentTarget)} aria-label={`Open source ${s.n}: ${sourceTitle(s)}`}>
-                  <span className="n">[{s.n}]</span> <span className="title">{sourceTitle(s)}</span>
-                  {sourcePlace(s) && <span className="place"> — {sourcePlace(s)}</span>}
-                  {s.source && fileName(s.source) !== sourceTitle(s) && <span className="file"> · {fileName(s.source)}</span>}
-                </button>
-              </li>
-            ))}
+            {sources.map((s) => {
+              const verdict = sourceVerdict(s.n, cited, unsupportedSet, checked);
+              return (
+                <li key={s.n} className={verdict ?? undefined} data-verdict={verdict ?? undefined}>
+                  <button type="button" className="source-link" onClick={(e) => open(s.n, e.currentTarget)} aria-label={`Open source ${s.n}: ${sourceTitle(s)}${verdict === "unsupported" ? " (does not support the answer)" : ""}`}>
+                    <span className="n">[{s.n}]</span> <span className="title">{sourceTitle(s)}</span>
+                    {sourcePlace(s) && <span className="place"> — {sourcePlace(s)}</span>}
+                    {s.source && fileName(s.source) !== sourceTitle(s) && <span className="file"> · {fileName(s.source)}</span>}
+                    {verdict === "unsupported" && <span className="verdict"> · cited, but does not support the answer</span>}
+                  </button>
+                </li>
+              );
+            })}
           </ol>
         </details>
       )}
@@ -112,7 +120,19 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
   );
 });
 
+/**
+ * How a source stands once the answer is checked: "cited" (it supports a sentence citing it),
+ * "unsupported" (cited, supports none) or "uncited"; while streaming, only "cited" (from the
+ * markers so far).
+ */
+export function sourceVerdict(n: number, cited: ReadonlySet<number>, unsupported: ReadonlySet<number>, checked: boolean): "cited" | "unsupported" | "uncited" | null {
+  if (cited.has(n)) return "cited";
+  if (!checked) return null;
+  return unsupported.has(n) ? "unsupported" : "uncited";
+}
+
 function ReplyFooter({ msg }: { msg: ChatMessage }) {
+  if (msg.noMatch) return <p className="reply-note">Nothing in the documents matched this question.</p>;
   if (msg.error) {
     return (
       <p className="reply-note error" role="alert">
