@@ -1,20 +1,28 @@
 """Any OpenAI-compatible chat server (vLLM, llama.cpp's server, Ollama, OpenAI itself).
 
 The stream is read by a pump task that feeds a queue; cancelling the pump closes the HTTP
-response, and servers stop generating when their client disconnects.
+response, and servers stop generating when their client disconnects. The official SDK sends
+the request; the event stream it answers with is parsed here (orjson, plain dicts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import openai
-from openai.types.chat import ChatCompletionChunk
 
 from rag_chat.errors import LLMError, LLMTimeout, LLMUnavailable
 from rag_chat.llm.base import FinishReason, Generation, Message
+
+try:  # installed with chromadb; the stdlib parses the same, several times slower
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None  # type: ignore[assignment]
 
 DEFAULT_CONTEXT_WINDOW = 8192
 CONNECT_TIMEOUT_S = 5.0
@@ -230,26 +238,34 @@ class _OpenAIGeneration(Generation):
     async def _pump_stream(self, queue: asyncio.Queue[_Item]) -> FinishReason:
         llm = self._llm
         model = await llm.resolve_model()
-        stream = await self._create(model)
         reason: FinishReason = "stop"
         usage_seen = False
-        async with stream:  # closes the response on cancel: the server stops generating
-            async for chunk in stream:
-                if chunk.usage is not None:
+        async with contextlib.AsyncExitStack() as stack:
+            # the SDK sends the request (retries, timeouts, status errors); the event stream
+            # is read here: an OpenAI chunk is a few fields, and building the SDK's model of
+            # each one cost more than all the rest of relaying it to the clients
+            response = await self._open(stack, model)  # closed on cancel: the server stops
+            async for chunk in _chunks(response, llm.base_url):
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
                     usage_seen = True
-                    self.usage.prompt_tokens = chunk.usage.prompt_tokens
-                    self.usage.completion_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices[:1]:
-                    content = choice.delta.content if choice.delta is not None else None
-                    if content:
-                        self.produced += 1
-                        queue.put_nowait(("delta", content))
-                        # let the reader take it now: a fast server's whole answer can sit in
-                        # one network read, and parsing all of it first delays the first token
-                        # by as long as the parsing takes
-                        await asyncio.sleep(0)
-                    if choice.finish_reason == "length":
-                        reason = "length"
+                    self.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    self.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
+                choices = chunk.get("choices")
+                if not choices or not isinstance(choices, list):
+                    continue
+                choice = choices[0]
+                delta = choice.get("delta")
+                content = delta.get("content") if isinstance(delta, dict) else None
+                if content:
+                    self.produced += 1
+                    queue.put_nowait(("delta", str(content)))
+                    # let the reader take it now: a fast server's whole answer can sit in
+                    # one network read, and parsing all of it first delays the first token
+                    # by as long as the parsing takes
+                    await asyncio.sleep(0)
+                if choice.get("finish_reason") == "length":
+                    reason = "length"
         if not usage_seen:
             # the server sent no usage: estimate it the way count_tokens does
             self.usage.prompt_tokens = sum(
@@ -258,32 +274,71 @@ class _OpenAIGeneration(Generation):
             self.usage.completion_tokens = self.produced
         return reason
 
-    async def _create(self, model: str) -> openai.AsyncStream[ChatCompletionChunk]:
+    async def _open(self, stack: contextlib.AsyncExitStack, model: str) -> Any:
         llm = self._llm
-        messages: Any = self._messages  # plain role/content dicts are valid message params
-        stop: list[str] | openai.Omit = self._stop or openai.omit
         if llm._usage_option:
             try:
-                return await llm._client.chat.completions.create(
-                    model=model,
-                    messages=messages,
-                    max_tokens=self._max_tokens,
-                    temperature=self._temperature,
-                    stop=stop,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
+                return await stack.enter_async_context(self._request(model, usage=True))
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 # an older server that rejects stream_options: ask without it from now on
                 # and estimate usage; any other bad request is the caller's error
                 if "stream_options" not in f"{exc} {exc.body}":
                     raise
                 llm._usage_option = False
-        return await llm._client.chat.completions.create(
+        return await stack.enter_async_context(self._request(model, usage=False))
+
+    def _request(self, model: str, *, usage: bool) -> Any:
+        messages: Any = self._messages  # plain role/content dicts are valid message params
+        stop: list[str] | openai.Omit = self._stop or openai.omit
+        return self._llm._client.chat.completions.with_streaming_response.create(
             model=model,
             messages=messages,
             max_tokens=self._max_tokens,
             temperature=self._temperature,
             stop=stop,
             stream=True,
+            stream_options={"include_usage": True} if usage else openai.omit,
         )
+
+
+async def _chunks(response: Any, base_url: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a chat-completion event stream (Server-Sent Events), up to
+    ``[DONE]``; an ``error`` event or an ``{"error": ...}`` object raises LLMError."""
+    event = ""
+    data: list[str] = []
+
+    async def lines() -> AsyncIterator[str]:
+        async for line in response.iter_lines():
+            yield line
+        yield ""  # the end dispatches an event that had no blank line after it
+
+    try:
+        async for line in lines():
+            if line:
+                field, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if field == "data":
+                    data.append(value)
+                elif field == "event":
+                    event = value
+                continue  # comments (": ping"), id:, retry:
+            if not data:
+                continue
+            text, kind, event, data = "\n".join(data), event, "", []
+            if text.strip() == "[DONE]":
+                return
+            chunk = _loads(text)
+            if kind == "error" or (isinstance(chunk, dict) and chunk.get("error") is not None):
+                error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
+                message = error.get("message") if isinstance(error, dict) else error
+                raise LLMError(f"the LLM server at {base_url} failed: {str(message)[:200]}")
+            if isinstance(chunk, dict):
+                yield chunk
+    except httpx.TimeoutException as exc:
+        raise LLMTimeout(f"the LLM server at {base_url} timed out") from exc
+    except httpx.TransportError as exc:
+        raise LLMUnavailable(f"the LLM server at {base_url} went away: {_short(exc)}") from exc
+
+
+def _loads(text: str) -> Any:
+    return orjson.loads(text) if orjson is not None else json.loads(text)
