@@ -1,9 +1,10 @@
 """Ingest throughput on a BEIR corpus next to the raw embedding model, measured in one run.
 
-    .venv/bin/python benchmarks/ingest_throughput.py [../shared/datasets/scifact/corpus.jsonl]
+    .venv/bin/python benchmarks/ingest_throughput.py [corpus.jsonl] [--limit DOCS]
+                     [--backend torch|onnx|onnx-int8]
 
 Prints, for the same chunk texts (the corpus in 4 segments, the two sides alternating):
-  raw       sentence-transformers encoding alone (the ceiling for an ingest pipeline)
+  raw       the embedding model alone, same backend (the ceiling for an ingest pipeline)
   pipeline  python -m ingest's pipeline: parse, chunk, embed, write Chroma + manifest + BM25
 and the ratio pipeline/raw in chunks per second, then the wall time of a second, no-change
 ``python -m ingest`` run (a fresh process, as a user would run it).
@@ -11,6 +12,7 @@ and the ratio pipeline/raw in chunks per second, then the wall time of a second,
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -30,11 +32,16 @@ SEGMENTS = 4
 
 def main() -> int:
     default = ROOT.parent / "shared" / "datasets" / "scifact" / "corpus.jsonl"
-    corpus = Path(sys.argv[1]) if len(sys.argv) > 1 else default
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("corpus", type=Path, nargs="?", default=default)
+    p.add_argument("--limit", type=int, help="only the first N documents")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"])
+    args = p.parse_args()
+    corpus = args.corpus
     if not corpus.is_file():
         print(f"corpus not found: {corpus} (pass a BEIR corpus.jsonl)", file=sys.stderr)
         return 2
-    lines = [line for line in corpus.read_text().splitlines() if line.strip()]
+    lines = [line for line in corpus.read_text().splitlines() if line.strip()][: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         parts_dir = Path(tmp) / "parts"
         parts_dir.mkdir()
@@ -45,9 +52,14 @@ def main() -> int:
             part.write_text("\n".join(lines[i * size : (i + 1) * size]) + "\n")
             parts.append(part)
         settings = Settings(data_dir=Path(tmp) / "state", collection="bench")
+        if args.backend:
+            settings = settings.model_copy(update={"embedding_backend": args.backend})
+        if settings.embedding_cache_dir is None:  # reuse the export of the project's data dir
+            cache = ROOT / "data" / ".rag" / "models"
+            settings = settings.model_copy(update={"embedding_cache_dir": cache})
         pipeline = Pipeline(settings, progress=False)
         emb = pipeline.embedder
-        emb.encode(["warm up the model"] * 8)  # load torch and the weights outside the timings
+        emb.encode(["warm up the model"] * 8)  # load the weights outside the timings
 
         # Raw encoding and the pipeline alternate over segments of the corpus, so that any
         # change in machine load falls on both sides alike.
@@ -62,7 +74,7 @@ def main() -> int:
             ]
             n_docs += len(docs)
             n_chunks += len(texts)
-            n_tokens += sum(emb.model.tokenizer(texts, return_length=True)["length"])
+            n_tokens += sum(pipeline.chunker.tok.count_many(texts)) + 2 * len(texts)  # type: ignore[attr-defined]
             order = ("raw", "pipeline") if i % 2 == 0 else ("pipeline", "raw")
             for side in order:
                 t0 = time.perf_counter()
@@ -74,7 +86,12 @@ def main() -> int:
                     full += time.perf_counter() - t0
                     assert report.ok and report.chunks_added == len(texts), report
 
-        env = {**os.environ, "RAG_DATA_DIR": str(settings.data_dir), "RAG_COLLECTION": "bench"}
+        env = {
+            **os.environ,
+            "RAG_DATA_DIR": str(settings.data_dir),
+            "RAG_COLLECTION": "bench",
+            "RAG_EMBEDDING_BACKEND": settings.embedding_backend,
+        }
         t0 = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "ingest", str(parts_dir), "-q"],
@@ -86,6 +103,7 @@ def main() -> int:
         again = time.perf_counter() - t0
 
     print(f"corpus: {corpus} — {n_docs} documents, {n_chunks} chunks, {n_tokens} tokens")
+    print(f"embedding backend: {settings.embedding_backend}")
     print(f"{'':10}{'seconds':>9}{'docs/s':>9}{'chunks/s':>10}{'tokens/s':>10}")
     for name, secs in (("raw", raw), ("pipeline", full)):
         print(

@@ -23,7 +23,7 @@ parameters are unchanged (``--rebuild`` builds them again). The seed itself is m
 ("ingested").
 
 The measurement: ``Retriever.search(query, k, "hybrid")`` (what every answer runs: MiniLM
-query embedding, Chroma top 100, BM25 top 100, reciprocal-rank fusion, texts of the fused top k)
+query embedding, Chroma top 100, BM25 top 100, convex fusion, texts and vectors of the top k)
 in this process, and ``POST /api/search`` on a ``python -m rag_chat`` per index (a token server
 as its LLM; Redis DB 14, own prefix, deleted afterwards), for ``--queries`` SciFact queries
 (the guide's questions when SciFact is absent), after a warm-up. The indexes take turns query
@@ -237,17 +237,21 @@ def timed_stages(r: Retriever, query: str, k: int) -> dict[str, float]:
     t0 = time.perf_counter()
     vec = r.embedder.encode([query])[0]
     t1 = time.perf_counter()
-    dense = r.store.query(vec, n)
+    dense = r.store.ranked(vec, n)
     t2 = time.perf_counter()
     sparse = r.keyword_index().search(query, n)
     t3 = time.perf_counter()
-    r._fuse(dense, sparse, k)
+    fused = r._fuse(dense, sparse)
+    top = sorted(fused, key=fused.__getitem__, reverse=True)[:k]
     t4 = time.perf_counter()
+    r.store.fetch(top)
+    t5 = time.perf_counter()
     return {
         "embed": (t1 - t0) * 1000,
         "chroma": (t2 - t1) * 1000,
         "bm25": (t3 - t2) * 1000,
-        "fuse + texts": (t4 - t3) * 1000,
+        "fuse": (t4 - t3) * 1000,
+        "fetch k": (t5 - t4) * 1000,
     }
 
 
@@ -339,7 +343,9 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     smoke = args.data_dir is None
     seed_dir = guide_index() if smoke else args.data_dir.resolve()
-    embedder = Embedder()
+    backend = Settings(_env_file=None).embedding_backend  # type: ignore[call-arg]
+    embedder = Embedder(backend=backend, cache_dir=ROOT / "data" / ".rag" / "models")
+    print(f"embedding backend: {backend} (RAG_EMBEDDING_BACKEND)", flush=True)
     print(f"seed: {seed_dir} (collection {args.collection!r})", flush=True)
     seed = read_seed(seed_dir, args.collection, embedder)
     if not seed.ids:
