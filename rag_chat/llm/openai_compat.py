@@ -24,6 +24,17 @@ try:  # installed with chromadb; the stdlib parses the same, several times slowe
 except ImportError:  # pragma: no cover
     orjson = None  # type: ignore[assignment]
 
+# what reading the response raises: the SDK reads with httpx2 (openai 3.x) or httpx (1.x, 2.x)
+_TIMEOUTS: tuple[type[BaseException], ...] = (httpx.TimeoutException,)
+_TRANSPORT: tuple[type[BaseException], ...] = (httpx.TransportError,)
+try:
+    import httpx2
+
+    _TIMEOUTS += (httpx2.TimeoutException,)
+    _TRANSPORT += (httpx2.TransportError,)
+except ImportError:  # pragma: no cover
+    pass
+
 DEFAULT_CONTEXT_WINDOW = 8192
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
@@ -334,10 +345,10 @@ async def _chunks(response: Any, base_url: str) -> AsyncIterator[dict[str, Any]]
                 raise LLMError(f"the LLM server at {base_url} failed: {str(message)[:200]}")
             if isinstance(chunk, dict):
                 yield chunk
-    except httpx.TimeoutException as exc:
+    except _TIMEOUTS as exc:
         raise LLMTimeout(f"the LLM server at {base_url} timed out") from exc
-    except httpx.TransportError as exc:
-        raise LLMUnavailable(f"the LLM server at {base_url} went away: {_short(exc)}") from exc
+    except _TRANSPORT as exc:  # the server died or dropped the connection mid-answer
+        raise LLMUnavailable(f"cannot reach the LLM server at {base_url}: {_short(exc)}") from exc
 
 
 def _loads(text: str) -> Any:
