@@ -38,7 +38,7 @@ MAX_BLOCK_MS = 10_000
 MAX_FLUSHES = 4  # appends' pipelines in flight at once; more appends wait for the next one
 MAX_BATCH = 2000  # appends in one pipeline
 POOL_SIZE = 64  # connections per client: commands in flight beyond that wait for one
-POOL_WAIT_S = 5.0  # the longest wait for a connection before Redis counts as unreachable
+POOL_WAIT_S = 15.0  # the longest wait for a connection (overload) before Redis counts as down
 
 # events in ARGV order get seqs first+1 … first+n (first is returned), atomically
 _APPEND = """

@@ -408,6 +408,11 @@ class Rooms:
         empty_since: float | None = None
         while True:
             await asyncio.sleep(WATCHDOG_S)
+            # a member on this instance: no need to ask Redis (a call a second per answer
+            # streaming would be a thousand calls a second at 1,000 answers)
+            if self._local.get(room):
+                empty_since = None
+                continue
             try:
                 members = await self.presence.members(room)
             except MemoryUnavailable:
