@@ -33,9 +33,10 @@ def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def embedder() -> Embedder:
-    """The real packaged all-MiniLM-L6-v2, loaded once per test session."""
-    return Embedder()
+def embedder(_model_cache: None) -> Embedder:
+    """The real packaged all-MiniLM-L6-v2 on the default backend (what a user runs), loaded
+    once per test session."""
+    return Embedder.from_settings(Settings(_env_file=None))  # type: ignore[call-arg]
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ without torch: the chunker needs them before anything is embedded.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -51,7 +52,7 @@ class Embedder:
         self,
         model: str | Path | None = None,
         batch_size: int = 64,
-        backend: Backend = "torch",
+        backend: Backend = "onnx-int8",
         cache_dir: Path | None = None,
     ) -> None:
         self.path = Path(model) if model else default_model_path()
@@ -64,7 +65,9 @@ class Embedder:
             raise EmbedderError(f"unknown embedding backend {backend!r}: one of {BACKENDS}")
         self.batch_size = batch_size
         self.backend: Backend = backend
-        self.cache_dir = cache_dir or Path("data/.rag/models")
+        self.cache_dir = cache_dir or Path(
+            os.environ.get("RAG_EMBEDDING_CACHE_DIR") or "data/.rag/models"
+        )
         self._model: Any = None
         self._onnx: Any = None
         self._lock = threading.Lock()

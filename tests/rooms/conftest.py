@@ -122,7 +122,9 @@ def wait_ready(procs: list[Proc], path: str, timeout: float = START_TIMEOUT_S) -
 
 
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
+    # the session's cache of the exported embedding model is kept: every server would export it
+    keep = ("RAG_EMBEDDING_CACHE_DIR",)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_") or k in keep}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     return env
 
