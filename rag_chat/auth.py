@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
@@ -243,8 +242,10 @@ return {kind, redis.call('HGET', KEYS[1], 'owner') or ''}
 class RedisAccess:
     def __init__(self, url: str, prefix: str, ttl_s: int) -> None:
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3)
-        self._redis: Any = Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, retry=retry
+        from rag_chat.rooms.log import redis_client  # a pool that waits, not fails
+
+        self._redis: Any = redis_client(
+            url, socket_connect_timeout=2, socket_timeout=5, retry=retry
         )
         self.prefix = prefix
         self.ttl_s = ttl_s

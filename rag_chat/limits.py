@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from rag_chat.errors import RateLimited, TooManyConnections, TooManyReplies
@@ -102,9 +101,9 @@ class LimitStore(Protocol):
 
 class RedisLimitStore:
     def __init__(self, url: str, prefix: str) -> None:
-        self._redis: Any = Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=1, socket_timeout=2
-        )
+        from rag_chat.rooms.log import redis_client  # a pool that waits, not fails
+
+        self._redis: Any = redis_client(url, socket_connect_timeout=1, socket_timeout=2)
         self.prefix = f"{prefix}limit:"
         self._hit = self._redis.register_script(_HIT)
         self._acquire = self._redis.register_script(_ACQUIRE)

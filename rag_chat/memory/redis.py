@@ -77,9 +77,10 @@ class RedisMemory:
     ) -> RedisMemory:
         """Connects lazily: nothing is tried until the first call (see :meth:`ping`).
         Raises ValueError for a malformed URL."""
-        client = Redis.from_url(
+        from rag_chat.rooms.log import redis_client  # a pool that waits, not fails
+
+        client = redis_client(
             url,
-            decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=SOCKET_TIMEOUT_S,
             health_check_interval=HEALTH_CHECK_INTERVAL_S,
