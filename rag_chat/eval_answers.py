@@ -145,6 +145,8 @@ async def run_answers(
                 file=sys.stderr,
             )
     n = len(rows) or 1
+    cited_sources = sum(len(r["cited"]) for r in rows)
+    supported_sources = sum(len(r["supported"]) for r in rows)
     return {
         "model": llm.model_name,
         "questions": len(rows),
@@ -156,6 +158,9 @@ async def run_answers(
         "answers_citing": sum(bool(r["cited"]) for r in rows) / n,
         "citation_pairs": pairs,
         "citation_precision": supported_pairs / pairs if pairs else None,
+        # per answer and cited source, as ai.done reports them (a source counts once per answer)
+        "cited_sources": cited_sources,
+        "source_precision": supported_sources / cited_sources if cited_sources else None,
         "dont_know": sum(r["no_match"] for r in rows) / n,
         "seconds_per_answer": statistics.mean(seconds) if seconds else 0.0,
         "rows": rows,
@@ -385,7 +390,8 @@ def _print_answers(r: dict[str, Any]) -> None:
     prec = r["citation_precision"]
     pairs = r["citation_pairs"]
     print(
-        f"  citation precision (checker) {prec:.3f} of {pairs} (sentence, source) pairs"
+        f"  citation precision (checker) {prec:.3f} of {pairs} (sentence, source) pairs, "
+        f"{r['source_precision']:.3f} of {r['cited_sources']} cited sources"
         if prec is not None
         else "  citation precision: no citations"
     )

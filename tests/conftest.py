@@ -56,11 +56,18 @@ def _no_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # Nothing may reach a model hub: make any attempt fail loudly instead of hanging.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    # Protocol tests script a FakeLLM's reply to content-free messages ("hi", "x"): the
-    # "don't know" gate (RAG_MIN_RELEVANCE) would answer those without the LLM. It is off
-    # unless a test sets min_relevance itself (tests/test_citations.py does).
-    monkeypatch.setenv("RAG_MIN_RELEVANCE", "-1")
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dont_know_off() -> Iterator[None]:
+    """Protocol tests script a FakeLLM's reply to content-free messages ("hi", "x"): the
+    "don't know" gate (RAG_MIN_RELEVANCE) would answer those without the LLM. It is off for
+    the whole session, servers started by session fixtures included, unless a test sets
+    min_relevance itself (tests/test_citations.py, tests/test_eval_answers.py do)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAG_MIN_RELEVANCE", "-1")
+        yield
 
 
 def run_cli(

@@ -122,8 +122,9 @@ def wait_ready(procs: list[Proc], path: str, timeout: float = START_TIMEOUT_S) -
 
 
 def base_env() -> dict[str, str]:
-    # the session's cache of the exported embedding model is kept: every server would export it
-    keep = ("RAG_EMBEDDING_CACHE_DIR",)
+    # the session's cache of the exported embedding model is kept: every server would export it;
+    # so is the suite's RAG_MIN_RELEVANCE (tests/conftest.py: no "don't know" for "hi")
+    keep = ("RAG_EMBEDDING_CACHE_DIR", "RAG_MIN_RELEVANCE")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_") or k in keep}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     return env
