@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     # "don't know": when the best retrieved chunk's cosine similarity to the (rewritten) query
     # is under this, the answer says the documents do not cover it, without asking the LLM.
     # -1 turns it off. Chosen by `python -m rag_chat.eval_answers --relevance`: the middle of
-    # the gap between off-topic questions (at most 0.25) and the guide's own (at least 0.31).
+    # the gap between general off-topic questions (at most 0.27) and the guide's (at least 0.30).
     min_relevance: float = Field(default=0.28, ge=-1.0, le=1.0)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
