@@ -221,6 +221,8 @@ class Reply:
     # rooms store the question as a room message when it is posted: the reply then leaves it
     # out of the history it reads and stores only the answer
     question_id: str | None = None
+    # retrieval started while the question was still being written (ChatService.prefetch)
+    prefetched: asyncio.Task[tuple[list[Hit], float]] | None = None
     _generation: Generation | None = None
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # why it was cancelled, sent in ai.done: "user" (stop), "abandoned" (nobody left to read
@@ -262,9 +264,14 @@ class Reply:
                 history = [m for m in history if m.get("id") != self.question_id]
                 history = history[-svc.history_messages :] if svc.history_messages else []
             query = rewrite_query(history, self.text) if svc.rewrite else self.text
-            t0 = time.perf_counter()
-            hits = await svc.retrieve(query)
-            retrieval_ms = (time.perf_counter() - t0) * 1000
+            if self.prefetched is not None and query == self.text:
+                hits, retrieval_ms = await self.prefetched
+            else:
+                if self.prefetched is not None:
+                    self.prefetched.cancel()
+                t0 = time.perf_counter()
+                hits = await svc.retrieve(query)
+                retrieval_ms = (time.perf_counter() - t0) * 1000
             if svc.nothing_relevant(hits):
                 async for event in self._dont_know(base, query, started, retrieval_ms):
                     yield event
@@ -486,11 +493,31 @@ class ChatService:
             log.exception("citation check failed; falling back to the lexical check")
             return await asyncio.to_thread(checker.check, answer, hits)
 
+    def prefetch(self, text: str) -> asyncio.Task[tuple[list[Hit], float]] | None:
+        """Start retrieving for a question now, while the caller still writes it to the room
+        log and memory: the Reply started for the same text then waits for this instead of
+        retrieving after those round trips. Only a question whose query cannot depend on the
+        history (not a follow-up) is prefetched; None otherwise. Cancel it if no reply starts."""
+        text = (text or "").strip()
+        if not text or (self.rewrite and is_follow_up(text)):
+            return None
+
+        async def timed() -> tuple[list[Hit], float]:
+            t0 = time.perf_counter()
+            hits = await self.retrieve(text)
+            return hits, (time.perf_counter() - t0) * 1000
+
+        task = asyncio.get_running_loop().create_task(timed())
+        # a prefetch nobody waits for (a re-sent message) must not log "never retrieved"
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
     def start(
         self,
         text: str,
         conversation_id: str | None = None,
         *,
+        prefetched: asyncio.Task[tuple[list[Hit], float]] | None = None,
         message_id: str | None = None,
         history: list[StoredMessage] | None = None,
         persist: bool = True,
@@ -515,4 +542,5 @@ class ChatService:
             persist=persist and history is None,
             max_tokens=max_tokens,
             question_id=question_id,
+            prefetched=prefetched,
         )

@@ -81,3 +81,42 @@ def test_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     result = json.loads(capsys.readouterr().out)
     assert result["pairs"] == 3
     assert all(0 <= r["MRR@10"] <= 1 for r in result["results"].values())
+
+
+# --- retrieval prefetched while the question is written ------------------------------------------
+
+
+async def test_a_standalone_question_is_retrieved_once_by_its_prefetch() -> None:
+    import asyncio
+
+    from rag_chat.chat import ChatService
+    from rag_chat.llm.fake import FakeLLM
+    from rag_chat.memory.local import LocalMemory
+    from rag_chat.retrieval.store import Hit
+
+    asked: list[str] = []
+
+    def search(query: str, k: int) -> list[Hit]:
+        asked.append(query)
+        return [Hit("c", 0.5, "Port 8000 [1].", {"source": "a.md"}, 0.9)]
+
+    memory = LocalMemory()
+    chat = ChatService(FakeLLM(["An answer."]), memory, search)
+    # a follow-up's query depends on the history: never prefetched
+    assert chat.prefetch("and its port?") is None
+    task = chat.prefetch("Which port does the server listen on?")
+    assert task is not None
+    await asyncio.sleep(0.05)  # the retrieval ran while "the message was being written"
+    assert asked == ["Which port does the server listen on?"]
+    reply = chat.start("Which port does the server listen on?", prefetched=task)
+    events = [e async for e in reply.events()]
+    assert events[-1]["type"] == "ai.done" and events[-1]["timings"]["retrieval_ms"] >= 0
+    assert asked == ["Which port does the server listen on?"]  # not retrieved a second time
+    # a prefetch whose text the reply does not use is cancelled, and the reply retrieves itself
+    await memory.append("conv", {"id": "q1", "role": "user", "content": "How do I ingest PDFs?"})
+    stale = chat.prefetch("Which port does the server listen on?")
+    reply = chat.start("and its size limit?", "conv", prefetched=stale)
+    events = [e async for e in reply.events()]
+    assert asked[-1].endswith("and its size limit?")
+    assert asked[-1] != "and its size limit?"  # rewritten with the earlier question's topic
+    assert stale is not None and (stale.cancelled() or stale.done())

@@ -290,21 +290,29 @@ class Rooms:
             await self.limits.message(who)
             if ask:
                 await self.limits.reply_started(who, msg_id)
+        question = _AI_MENTION.sub(" ", text).strip() or text
+        # retrieval runs while the message is written (claim, log, memory): time to first token
+        prefetch = self.chat.prefetch(question) if ask else None
         try:
             msg = await self._append_message(member, room, text, msg_id, client_id, ask)
         except BaseException:
+            if prefetch is not None:
+                prefetch.cancel()
             if ask and self.limits is not None:
                 await self.limits.reply_finished(who, msg_id)
             raise
         if msg is None:
+            if prefetch is not None:
+                prefetch.cancel()
             if ask and self.limits is not None:
                 await self.limits.reply_finished(who, msg_id)
             return None
         if ask:
-            question = _AI_MENTION.sub(" ", text).strip() or text
             try:
-                reply = self.chat.start(question, room, question_id=msg["id"])
+                reply = self.chat.start(question, room, question_id=msg["id"], prefetched=prefetch)
             except BaseException:
+                if prefetch is not None:
+                    prefetch.cancel()
                 if self.limits is not None:
                     await self.limits.reply_finished(who, msg_id)
                 raise
