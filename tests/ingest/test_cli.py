@@ -116,6 +116,11 @@ def test_killed_mid_run_leaves_a_consistent_index_and_the_next_run_finishes(tmp_
         "def slow(self, *a):\n"
         "    orig(self, *a); print('batch', flush=True); time.sleep(0.3)\n"
         "p._Writer._write = slow\n"
+        # the embedder is slow too: Ctrl-C lands while batches are still being embedded, the
+        # case a user meets (the int8 encoder otherwise finishes before the first write)
+        "import rag_chat.retrieval.embedder as e\n"
+        "enc = e.Embedder.encode\n"
+        "e.Embedder.encode = lambda self, *a, **k: (time.sleep(0.2), enc(self, *a, **k))[1]\n"
         "from ingest.__main__ import main\n"
         f"sys.exit(main([{str(docs)!r}, '-q']))\n"
     )
@@ -161,6 +166,11 @@ def test_ctrl_c_exits_130_and_the_next_run_finishes(tmp_path: Path) -> None:
         "def slow(self, *a):\n"
         "    orig(self, *a); print('batch', flush=True); time.sleep(0.3)\n"
         "p._Writer._write = slow\n"
+        # the embedder is slow too: Ctrl-C lands while batches are still being embedded, the
+        # case a user meets (the int8 encoder otherwise finishes before the first write)
+        "import rag_chat.retrieval.embedder as e\n"
+        "enc = e.Embedder.encode\n"
+        "e.Embedder.encode = lambda self, *a, **k: (time.sleep(0.2), enc(self, *a, **k))[1]\n"
         "from ingest.__main__ import main\n"
         f"sys.exit(main([{str(docs)!r}, '-q']))\n"
     )
