@@ -116,8 +116,7 @@ def test_killed_mid_run_leaves_a_consistent_index_and_the_next_run_finishes(tmp_
         "def slow(self, *a):\n"
         "    orig(self, *a); print('batch', flush=True); time.sleep(0.3)\n"
         "p._Writer._write = slow\n"
-        # the embedder is slow too: Ctrl-C lands while batches are still being embedded, the
-        # case a user meets (the int8 encoder otherwise finishes before the first write)
+        # the embedder is slow too: Ctrl-C lands while batches are still being embedded
         "import rag_chat.retrieval.embedder as e\n"
         "enc = e.Embedder.encode\n"
         "e.Embedder.encode = lambda self, *a, **k: (time.sleep(0.2), enc(self, *a, **k))[1]\n"
@@ -166,8 +165,7 @@ def test_ctrl_c_exits_130_and_the_next_run_finishes(tmp_path: Path) -> None:
         "def slow(self, *a):\n"
         "    orig(self, *a); print('batch', flush=True); time.sleep(0.3)\n"
         "p._Writer._write = slow\n"
-        # the embedder is slow too: Ctrl-C lands while batches are still being embedded, the
-        # case a user meets (the int8 encoder otherwise finishes before the first write)
+        # the embedder is slow too: Ctrl-C lands while batches are still being embedded
         "import rag_chat.retrieval.embedder as e\n"
         "enc = e.Embedder.encode\n"
         "e.Embedder.encode = lambda self, *a, **k: (time.sleep(0.2), enc(self, *a, **k))[1]\n"
@@ -182,6 +180,9 @@ def test_ctrl_c_exits_130_and_the_next_run_finishes(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        # as from a terminal: a test run started in the background (nohup, `&` in a script)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "batch"
