@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from rag_chat.retrieval.embedder import Embedder
 from rag_chat.retrieval.search import Retriever
 from rag_chat.retrieval.store import Hit
 from rag_chat.settings import Settings
@@ -132,6 +133,30 @@ def evaluate(
     return metrics(run, qrels), per_query_ms
 
 
+def ingest_for_eval(
+    settings: Settings,
+    paths: Sequence[Path],
+    embedder: Embedder | None = None,
+    progress: bool | None = False,
+) -> Retriever:
+    """Ingest ``paths`` through the real pipeline (a second run on the same data dir embeds
+    nothing), say what it did on stderr, and return a retriever over the result."""
+    from ingest.pipeline import Pipeline
+
+    pipeline = Pipeline(settings, progress=progress)
+    if embedder is not None:
+        pipeline.embedder = embedder
+    report = pipeline.run(list(paths))
+    for path, msg in report.errors:
+        print(f"eval: {path}: {msg}", file=sys.stderr)
+    print(
+        f"ingest: {report.chunks_added} chunks embedded, {report.files_unchanged} files "
+        f"unchanged, {report.seconds:.1f}s",
+        file=sys.stderr,
+    )
+    return Retriever(settings, embedder=pipeline.embedder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m rag_chat.eval", description=__doc__.split("\n\n")[0]
@@ -170,18 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     collection = args.collection or f"beir-{args.dataset.resolve().name}{suffix}"
     settings = settings.model_copy(update={"collection": collection})
 
-    from ingest.pipeline import Pipeline
-
-    pipeline = Pipeline(settings, progress=None)
-    report = pipeline.run([data.corpus])
-    for path, msg in report.errors:
-        print(f"eval: {path}: {msg}", file=sys.stderr)
-    print(
-        f"ingest: {report.chunks_added} chunks embedded, {report.files_unchanged} files "
-        f"unchanged, {report.seconds:.1f}s",
-        file=sys.stderr,
-    )
-    retriever = Retriever(settings, embedder=pipeline.embedder)
+    retriever = ingest_for_eval(settings, [data.corpus], progress=None)
     results = {}
     for mode in args.mode:
         scores, ms = evaluate(retriever, data, mode, args.url)

@@ -14,7 +14,6 @@ helpers the evaluations share: load a set, ingest the guide through the real pip
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,18 +76,6 @@ def ingest_guide(
 ) -> Retriever:
     """Ingest ``docs`` (the bundled guide) through the real pipeline; a second run on the same
     data dir embeds nothing. Returns a hybrid retriever over it."""
-    from ingest.pipeline import Pipeline
-    from rag_chat.retrieval.search import Retriever
+    from rag_chat.eval import ingest_for_eval
 
-    pipeline = Pipeline(settings, progress=False)
-    if embedder is not None:
-        pipeline.embedder = embedder
-    report = pipeline.run([docs])
-    for path, msg in report.errors:
-        print(f"eval: {path}: {msg}", file=sys.stderr)
-    print(
-        f"ingest: {report.chunks_added} chunks embedded, {report.files_unchanged} files "
-        f"unchanged, {report.seconds:.1f}s",
-        file=sys.stderr,
-    )
-    return Retriever(settings, embedder=pipeline.embedder)
+    return ingest_for_eval(settings, [docs], embedder)
