@@ -13,6 +13,7 @@ the answer keeps running for a grace period (15 s), then it is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -72,20 +73,29 @@ async def chat_sse(
     await services.access.private(who, room, body.message)
     member = Member(uuid.uuid4().hex, who.user if who.authenticated else "sse", who.limit_key)
     queue: asyncio.Queue[Event] = asyncio.Queue()
-    await rooms.join(member, room, resume, queue.put_nowait)
-    await queue.get()  # the `joined` event: not part of the SSE stream
     if resume is not None:
+        await rooms.join(member, room, resume, queue.put_nowait)
         services.metrics.resumes.labels("sse").inc()
     else:
+        # The join (subscribe, presence) and the post (limits, retrieval, writes) run side by
+        # side, so retrieval starts without waiting for the join's round trips: the stream is
+        # subscribed from the seq before the question, so it misses none of the answer's events.
+        before = 0 if body.conversation_id is None else await rooms.log.last_seq(room)
+        joining = asyncio.ensure_future(rooms.join(member, room, before, queue.put_nowait))
         try:
             msg = await rooms.post(member, room, body.message, client_id=body.client_id, ai=True)
+            await joining
         except BaseException:
+            joining.cancel()
+            with contextlib.suppress(BaseException):
+                await joining
             await rooms.leave(member, room)
             raise
         if msg is None:  # a re-send of a message already taken: follow what is streaming
             resume = await rooms.log.last_seq(room)
         else:
             services.metrics.messages.labels("sse").inc()
+    await queue.get()  # the `joined` event (always first): not part of the SSE stream
 
     # a resume after the answer ended: replay what was missed, then end (nothing is coming)
     settled = resume is not None and not await _answer_open(rooms.log, room)

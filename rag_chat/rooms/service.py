@@ -288,11 +288,18 @@ class Rooms:
         who = member.limit_key
         if self.limits is not None:
             await self.limits.message(who)
-            if ask:
-                await self.limits.reply_started(who, msg_id)
         question = _AI_MENTION.sub(" ", text).strip() or text
-        # retrieval runs while the message is written (claim, log, memory): time to first token
+        # retrieval runs while the answer cap is checked and the message is written (claim,
+        # log, memory): time to first token. The message limit above still bounds the work a
+        # caller can cause; a refused answer only cancels its retrieval.
         prefetch = self.chat.prefetch(question) if ask else None
+        if ask and self.limits is not None:
+            try:
+                await self.limits.reply_started(who, msg_id)
+            except BaseException:
+                if prefetch is not None:
+                    prefetch.cancel()
+                raise
         try:
             msg = await self._append_message(member, room, text, msg_id, client_id, ask)
         except BaseException:

@@ -33,8 +33,10 @@ def test_sse_streams_the_same_events(make_app: Any) -> None:
     llm.enqueue(["Use ", "`--dry-run` [1]"])
     with TestClient(make_app(llm)) as client:
         events = sse_events(client, {"message": "How do I preview an ingest?"})
-    assert [e for e, _, _ in events] == [
-        "presence",
+    # the stream's own presence join is written beside the question (the join and the post run
+    # side by side), so it may come before or after the message; the rest is in order
+    assert [e for e, _, _ in events].count("presence") == 1
+    assert [e for e, _, _ in events if e != "presence"] == [
         "message",
         "ai.start",
         "ai.sources",
