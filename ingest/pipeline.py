@@ -62,6 +62,7 @@ class Report:
     chunks_deleted: int = 0
     tokens_embedded: int = 0
     embed_seconds: float = 0.0
+    write_seconds: float = 0.0  # the writer thread: vector store, manifest, keyword terms
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
     planned: list[tuple[str, str]] = field(default_factory=list)  # (action, path) for --dry-run
@@ -567,10 +568,12 @@ class _Writer:
         while (batch := self.q.get()) is not None:
             if self.error is not None:
                 continue
+            t0 = time.perf_counter()
             try:
                 self._write(batch, terms)
             except BaseException as exc:  # surfaced to the main thread
                 self.error = exc
+            self.report.write_seconds += time.perf_counter() - t0
 
     def _write(self, batch: _Batch, terms: Callable[[str], list[str]]) -> None:
         store = self.p.store
