@@ -82,8 +82,11 @@ class Manifest:
     def all_chunk_ids(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM chunks")}
 
-    def iter_terms(self) -> Iterator[tuple[str, str]]:
-        yield from self.db.execute("SELECT id, terms FROM chunks ORDER BY id")
+    def iter_terms(self) -> Iterator[tuple[str, str, str]]:
+        """(chunk id, doc_key, terms), each document's chunks together and in order."""
+        yield from self.db.execute(
+            "SELECT id, doc_key, terms FROM chunks ORDER BY doc_key, position, id"
+        )
 
     def counts(self) -> tuple[int, int, int]:
         files = self.db.execute("SELECT COUNT(DISTINCT path) FROM docs").fetchone()[0]

@@ -386,7 +386,7 @@ class Pipeline:
             writer.close()
         if writer.error is not None:
             raise writer.error
-        if changed and not report.interrupted:
+        if (changed or self._keyword_index_stale()) and not report.interrupted:
             self.rebuild_keyword_index(manifest)
             manifest.set_meta("dirty", None)
 
@@ -495,13 +495,42 @@ class Pipeline:
         return len(orphans)
 
     def rebuild_keyword_index(self, manifest: Manifest) -> None:
+        """BM25 over each chunk's terms, counted twice, plus those of ``keyword_neighbours``
+        chunks of the same document on each side: a question's words spread over a short
+        document (an abstract cut in two) still meet in one entry, while a word's own chunk
+        still outranks its neighbours and a long document's chunk stays local. On SciFact this
+        lifts the fused nDCG@10 (benchmarks/retrieval_views.py; README)."""
         from rag_chat.retrieval.keyword import KeywordIndex
 
-        ids, term_lists = [], []
-        for cid, t in manifest.iter_terms():
+        n = self.settings.keyword_neighbours
+        ids, docs, own = [], [], []
+        for cid, doc_key, t in manifest.iter_terms():
             ids.append(cid)
-            term_lists.append(t.split())
-        KeywordIndex.build(ids, term_lists).save(self.dir / "bm25")
+            docs.append(doc_key)
+            own.append(t.split())
+        term_lists = []
+        for i, terms in enumerate(own):
+            merged = terms * 2 if n else list(terms)
+            for j in range(max(0, i - n), min(len(own), i + n + 1)):
+                if j != i and docs[j] == docs[i]:
+                    merged += own[j]
+            term_lists.append(merged)
+        index = KeywordIndex.build(ids, term_lists)
+        index.params = self._keyword_params()
+        index.save(self.dir / "bm25")
+
+    def _keyword_params(self) -> dict[str, int]:
+        n = self.settings.keyword_neighbours
+        return {"neighbours": n, "own_weight": 2 if n else 1}
+
+    def _keyword_index_stale(self) -> bool:
+        """The saved BM25 index was built with other keyword settings (or by an older version)."""
+        from rag_chat.retrieval.keyword import KeywordIndex
+
+        folder = self.dir / "bm25"
+        if not (folder / "ids.json").is_file():
+            return False
+        return KeywordIndex.saved_params(folder) != self._keyword_params()
 
     def _bar(self, total: int) -> Any:
         from tqdm import tqdm

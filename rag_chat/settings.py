@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     fusion_dense_weight: float = Field(default=0.5, ge=0, le=1)
     prf_chunks: int = Field(default=0, ge=0, le=100)
     prf_weight: float = Field(default=1.0, ge=0, le=10)
+    # BM25 indexes each chunk with the terms of this many neighbouring chunks of the same
+    # document on each side (0: the chunk alone); an ingest rebuilds the index when it changes
+    keyword_neighbours: int = Field(default=1, ge=0, le=10)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     # conversation memory (rag_chat.memory): the newest memory_max_messages messages of a

@@ -100,6 +100,22 @@ def test_convex_fusion_keeps_what_either_ranker_alone_finds(retriever: Retriever
     assert [h.id for h in retriever.search(para, 5)] == [h.id for h in retriever.dense(para, 5)]
 
 
+def test_relevance_of_a_chunk_only_bm25_found_is_its_stored_cosine(
+    retriever: Retriever, embedder: Embedder
+) -> None:
+    # few candidates: the kept chunks mix dense ones (Chroma's cosine) and BM25-only ones
+    # (their vectors are read back): one scale for both
+    narrow = Retriever(retriever.settings, embedder=embedder, fusion=Fusion(candidates=1))
+    query = "RAG_LLM_BASE_URL and the Redis memory"
+    hits = narrow.search(query, 6)
+    dense_ids = {h.id for h in narrow.dense(query, 6)}
+    assert any(h.id not in dense_ids for h in hits) and any(h.id in dense_ids for h in hits)
+    qvec = embedder.encode([query])[0]
+    stored = retriever.store.fetch([h.id for h in hits])
+    for h in hits:
+        assert h.relevance == pytest.approx(float(stored[h.id][2] @ qvec), abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "fusion",
     [Fusion(method="rrf"), Fusion(prf_chunks=3, prf_weight=1.0), Fusion(dense_weight=1.0)],

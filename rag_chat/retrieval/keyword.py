@@ -56,6 +56,7 @@ class KeywordIndex:
     def __init__(self, ids: list[str], bm25: Any) -> None:
         self.ids = ids
         self._bm25 = bm25
+        self.params: dict[str, Any] = {}  # how the entries were built (ingest's settings)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -78,11 +79,21 @@ class KeywordIndex:
         if self.ids:
             self._bm25.save(str(tmp))
         (tmp / "ids.json").write_text(json.dumps(self.ids))
+        (tmp / "params.json").write_text(json.dumps(self.params))
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def saved_params(folder: Path) -> dict[str, Any]:
+        """The build settings a saved index records ({} when it records none)."""
+        try:
+            params: dict[str, Any] = json.loads((folder / "params.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return params
 
     @classmethod
     def load(cls, folder: Path) -> KeywordIndex:

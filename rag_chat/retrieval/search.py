@@ -10,8 +10,9 @@ Hybrid search, chunk level:
 3. optional dense pseudo-relevance feedback (``prf_chunks`` > 0): the query vector moves toward
    the mean of the top fused chunks' vectors (``prf_weight``), Chroma is asked again, and the
    fusion is redone with the BM25 list;
-4. only the k kept chunks are read back (text, metadata, vector), and each hit's ``relevance`` is
-   the cosine of the original query and the chunk: one scale, whatever the ranker.
+4. only the k kept chunks are read back (text and metadata), and each hit's ``relevance`` is
+   the cosine of the original query and the chunk, one scale whatever the ranker: Chroma's own
+   cosine for a dense candidate, the stored vector's for a chunk that only BM25 found.
 
 The defaults are what ``benchmarks/retrieval_quality.py`` chose on SciFact by the aggregate;
 README "Retrieval quality" has the figures. All methods are blocking (ONNX Runtime or torch,
@@ -121,9 +122,15 @@ class Retriever:
                 q2 = (q2 / max(float(np.linalg.norm(q2)), 1e-9)).astype(np.float32)
                 fused = self._fuse(self.store.ranked(q2, n), sparse)
         top = sorted(fused, key=fused.__getitem__, reverse=True)[:k]
-        found = self.store.fetch(top)
+        # relevance is the query-chunk cosine: Chroma gave it for the dense candidates; only
+        # chunks that BM25 alone found need their vectors read back
+        cosine = dict(dense)
+        found = self.store.fetch_text(top)
+        need = [cid for cid in top if cid in found and cid not in cosine]
+        for cid, (_, _, vec) in self.store.fetch(need).items():
+            cosine[cid] = float(vec @ qvec)
         return [
-            Hit(cid, fused[cid], found[cid][0], found[cid][1], float(found[cid][2] @ qvec))
+            Hit(cid, fused[cid], found[cid][0], found[cid][1], cosine.get(cid))
             for cid in top
             if cid in found
         ]

@@ -244,3 +244,33 @@ def test_other_embedding_model_is_refused(
 def _sources(p: Pipeline) -> list[str]:
     got = p.store.collection.get(include=["metadatas"])
     return [m["source"] for m in got["metadatas"]]
+
+
+def test_keyword_entries_carry_their_neighbours_and_follow_the_setting(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    (docs_dir / "notes.md").write_text(
+        "# Notes\n## Backups\nNightly snapshots go to the vault.\n"
+        "## Restores\nA restore replays the journal.\n"
+        "## Billing\nInvoices are monthly.\n"
+    )
+    p = pipeline(settings, counting)
+    assert p.run([docs_dir]).ok
+
+    def keyword(s: Settings, query: str) -> list[str]:
+        hits = Retriever(s, embedder=counting).keyword(query, 5)
+        return [str(h.metadata["heading"]).split(" > ")[-1] for h in hits]
+
+    # "journal" is in Restores only: its own chunk first, then its neighbours (one each side)
+    assert settings.keyword_neighbours == 1
+    found = keyword(settings, "journal")
+    assert found[0] == "Restores" and sorted(found[1:]) == ["Backups", "Billing"]
+    # a question whose words sit in two neighbouring sections meets them in one entry
+    assert keyword(settings, "snapshots journal")[:2] == ["Backups", "Restores"]
+
+    # another setting: the next run rebuilds the keyword index, embedding nothing
+    alone = settings.model_copy(update={"keyword_neighbours": 0})
+    counting.texts.clear()
+    r = pipeline(alone, counting).run([docs_dir])
+    assert r.ok and r.chunks_added == 0 and counting.texts == []
+    assert keyword(alone, "journal") == ["Restores"]
