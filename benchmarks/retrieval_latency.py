@@ -23,7 +23,8 @@ parameters are unchanged (``--rebuild`` builds them again). The seed itself is m
 ("ingested").
 
 The measurement: ``Retriever.search(query, k, "hybrid")`` (what every answer runs: MiniLM
-query embedding, Chroma top 100, BM25 top 100, convex fusion, texts and vectors of the top k)
+query embedding, Chroma top 100, BM25 top 100, convex fusion, texts of the top k, and the
+vectors of those only BM25 found)
 in this process, and ``POST /api/search`` on a ``python -m rag_chat`` per index (a token server
 as its LLM; Redis DB 14, own prefix, deleted afterwards), for ``--queries`` SciFact queries
 (the guide's questions when SciFact is absent), after a warm-up. The indexes take turns query
@@ -74,12 +75,12 @@ from benchmarks._bench import (  # noqa: E402
     wait_ready,
 )
 from rag_chat.retrieval.embedder import Embedder  # noqa: E402
-from rag_chat.retrieval.keyword import KeywordIndex, terms  # noqa: E402
+from rag_chat.retrieval.keyword import KeywordIndex, terms, with_neighbours  # noqa: E402
 from rag_chat.retrieval.search import Retriever  # noqa: E402
 from rag_chat.retrieval.store import VectorStore, make_client  # noqa: E402
 from rag_chat.settings import Settings  # noqa: E402
 
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"  # 2: BM25 entries with their neighbours
 SYNTH_COLLECTION = "bench"
 WRITE_BATCH = 10_000
 GOAL_P50_MS = 20.0
@@ -218,8 +219,17 @@ def build_index(
         j = i + WRITE_BATCH
         store.upsert(synth.ids[i:j], synth.vectors[i:j], synth.texts[i:j], synth.metas[i:j])
         print(f"  {size:,}: {min(j, size):,} chunks written to Chroma", end="\r", flush=True)
-    term_lists = [terms(bm25_text(t, m)) for t, m in zip(synth.texts, synth.metas, strict=True)]
-    KeywordIndex.build(synth.ids, term_lists).save(settings.collection_dir() / "bm25")
+    # the entries an ingest writes: each document's chunks in order, with their neighbours
+    order = sorted(
+        range(size),
+        key=lambda i: (str(synth.metas[i].get("doc_id")), int(synth.metas[i].get("position", 0))),
+    )
+    docs = [str(synth.metas[i].get("doc_id")) for i in order]
+    own = [terms(bm25_text(synth.texts[i], synth.metas[i])) for i in order]
+    entries = with_neighbours(docs, own, settings.keyword_neighbours)
+    KeywordIndex.build([synth.ids[i] for i in order], entries).save(
+        settings.collection_dir() / "bm25"
+    )
     marker.write_text(json.dumps(params))
     print(
         f"\r  built {size:,} chunks ({real:,} real + {size - real:,} synthetic, {vectors} vectors) "
@@ -244,7 +254,9 @@ def timed_stages(r: Retriever, query: str, k: int) -> dict[str, float]:
     fused = r._fuse(dense, sparse)
     top = sorted(fused, key=fused.__getitem__, reverse=True)[:k]
     t4 = time.perf_counter()
-    r.store.fetch(top)
+    found = r.store.fetch_text(top)
+    cosine = dict(dense)
+    r.store.fetch([cid for cid in top if cid in found and cid not in cosine])
     t5 = time.perf_counter()
     return {
         "embed": (t1 - t0) * 1000,

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retrieval_quality import OUT, Bench, cached_embeddings, minmax
 
 from ingest.chunking import _PARAGRAPH, _SENTENCE
-from rag_chat.retrieval.keyword import terms
+from rag_chat.retrieval.keyword import terms, with_neighbours
 
 Matrix = np.ndarray
 
@@ -309,18 +309,7 @@ def main() -> int:
     dcc, bcc = b.dense(b.qvec), b.bm25()
     # what ships (RAG_KEYWORD_NEIGHBOURS=1): each chunk's BM25 entry is its own terms twice
     # plus the terms of the chunks before and after it in the same document
-    siblings: dict[str, list[int]] = {}
-    for ci, c in enumerate(b.chunks):
-        siblings.setdefault(c.doc_id, []).append(ci)
-    entries = []
-    for ci, c in enumerate(b.chunks):
-        sib = siblings[c.doc_id]
-        k = sib.index(ci)
-        entry = list(b.chunk_terms[ci]) * 2
-        for j in (k - 1, k + 1):
-            if 0 <= j < len(sib):
-                entry += b.chunk_terms[sib[j]]
-        entries.append(entry)
+    entries = with_neighbours([c.doc_id for c in b.chunks], b.chunk_terms, 1)
     bnc = bm25(entries, qt)
     R("chunk level: bm25 chunks + neighbours (own terms x2)", b.doc_scores(bnc), res)
     R(

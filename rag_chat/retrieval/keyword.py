@@ -50,6 +50,26 @@ def terms(text: str) -> list[str]:
     return list(_stemmer.stemmer.stemWords(words))
 
 
+def with_neighbours(
+    doc_keys: Sequence[str], term_lists: Sequence[list[str]], n: int
+) -> list[list[str]]:
+    """BM25 entries: each chunk's terms, counted twice, plus those of ``n`` chunks of the same
+    document on each side (the lists come grouped by document, in order; ``n`` 0: as they are).
+    A question's words spread over a short document (an abstract cut in two) still meet in
+    one entry, while a word's own chunk outranks its neighbours and a long document's chunk
+    stays local."""
+    if n <= 0:
+        return [list(t) for t in term_lists]
+    out = []
+    for i, own in enumerate(term_lists):
+        merged = list(own) * 2
+        for j in range(max(0, i - n), min(len(term_lists), i + n + 1)):
+            if j != i and doc_keys[j] == doc_keys[i]:
+                merged += term_lists[j]
+        out.append(merged)
+    return out
+
+
 class KeywordIndex:
     """A loaded BM25 index: chunk ids in index order plus the bm25s scores."""
 
