@@ -85,6 +85,13 @@ class RoomHub:
         self, room: str, after: int | None, deliver: Callable[[Event], None]
     ) -> Subscription:
         """Deliver every event of ``room`` with seq > ``after`` (None: from now on)."""
+        if after is None and room in self.cursors:
+            # the reader already follows the room: go live from its cursor, no round trip
+            # (this may include events appended a moment ago and not yet read: never fewer)
+            sub = Subscription(room, self.cursors[room], deliver)
+            self.subs.setdefault(room, set()).add(sub)
+            sub.go_live([])
+            return sub
         current = await self.log.last_seq(room)
         start = current if after is None else max(0, min(after, current))
         sub = Subscription(room, start, deliver)
