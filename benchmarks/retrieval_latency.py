@@ -254,7 +254,7 @@ def timed_stages(r: Retriever, query: str, k: int) -> dict[str, float]:
     fused = r._fuse(dense, sparse)
     top = sorted(fused, key=fused.__getitem__, reverse=True)[:k]
     t4 = time.perf_counter()
-    found = r.store.fetch_text(top)
+    found = r.store.get(top)
     cosine = dict(dense)
     r.store.fetch([cid for cid in top if cid in found and cid not in cosine])
     t5 = time.perf_counter()

@@ -125,7 +125,7 @@ class Retriever:
         # relevance is the query-chunk cosine: Chroma gave it for the dense candidates; only
         # chunks that BM25 alone found need their vectors read back
         cosine = dict(dense)
-        found = self.store.fetch_text(top)
+        found = self.store.get(top)
         need = [cid for cid in top if cid in found and cid not in cosine]
         for cid, (_, _, vec) in self.store.fetch(need).items():
             cosine[cid] = float(vec @ qvec)
