@@ -2,13 +2,16 @@
 
 ::
 
-    RoomLog (Redis streams) ──XREAD (one reader task, every room with a local subscriber)──►
+    RoomLog (Redis streams + the live channel) ──live() (one reader task, every room)──►
         RoomHub ──► Subscription.offer(event) ──► deliver(event) (a connection's send queue)
 
-Every instance reads the same stream, so every member sees a room's events in one order. A
+Every instance reads the same log, so every member sees a room's events in one order. A
 subscriber that joins with a last ``seq`` first reads the backlog (XRANGE) while live events
 are held back, then goes live; events are delivered once, in seq order, by comparing seqs.
-The reader is woken at once when a room is added, so a new room's events are not delayed.
+The hub keeps, per room it follows, the last seq it fanned out: a live event past the next
+one (events lost while the live connection was down, or appended while a room was being
+joined) makes it read the missing ones from the log first, and every (re)connection reads
+what each followed room gained while nobody listened.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Callable
 
 from rag_chat.errors import MemoryUnavailable
@@ -24,7 +26,6 @@ from rag_chat.rooms.log import Event, RoomLog
 
 log = logging.getLogger(__name__)
 
-READ_BLOCK_MS = 5000
 RETRY_S = 0.5
 # the longest pause between tries while Redis is away: events flow again at most this long
 # after it is back
@@ -57,29 +58,18 @@ class RoomHub:
         self.log = room_log
         self.subs: dict[str, set[Subscription]] = {}
         self.cursors: dict[str, int] = {}
-        self._wake_room = f"_wake:{uuid.uuid4().hex}"
-        self._wake_seq = 0
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="room-hub")
 
     async def stop(self) -> None:
-        # Cancelling a blocked XREAD can hang in the Redis client: ask the reader to stop and
-        # wake it with an event instead; cancel only as the last resort.
-        task = self._task
-        if task is None:
-            return
-        self._stopping = True
-        with contextlib.suppress(Exception):
-            await self._wake()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), STOP_WAIT_S)
-        except (TimeoutError, Exception):
+        task, self._task = self._task, None
+        if task is not None:
             task.cancel()
-        self._task = None
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, STOP_WAIT_S)
 
     async def subscribe(
         self, room: str, after: int | None, deliver: Callable[[Event], None]
@@ -87,7 +77,6 @@ class RoomHub:
         """Deliver every event of ``room`` with seq > ``after`` (None: from now on)."""
         if after is None and room in self.cursors:
             # the reader already follows the room: go live from its cursor, no round trip
-            # (this may include events appended a moment ago and not yet read: never fewer)
             sub = Subscription(room, self.cursors[room], deliver)
             self.subs.setdefault(room, set()).add(sub)
             sub.go_live([])
@@ -99,7 +88,6 @@ class RoomHub:
         try:
             if room not in self.cursors:
                 self.cursors[room] = current
-                await self._wake()
             # always read from `start`: the reader may already have fanned out events past
             # `current` before this subscription was registered
             backlog = await self.log.since(room, start)
@@ -121,31 +109,43 @@ class RoomHub:
     def local_subscribers(self, room: str) -> int:
         return len(self.subs.get(room, ()))
 
-    async def _wake(self) -> None:
-        if self._task is not None:
-            await self.log.append(self._wake_room, {"type": "_wake"})
-
     async def _run(self) -> None:
         delay = RETRY_S
-        while not self._stopping:
-            cursors = {**self.cursors, self._wake_room: self._wake_seq}
+        while True:
             try:
-                events = await self.log.read(cursors, READ_BLOCK_MS)
-                delay = RETRY_S
+                async with contextlib.aclosing(self.log.live()) as feed:
+                    async for events in feed:
+                        if not events:  # listening (again): what did followed rooms gain?
+                            delay = RETRY_S
+                            for room in list(self.cursors):
+                                await self._catch_up(room)
+                            continue
+                        for event in events:
+                            room = event["room"]
+                            cursor = self.cursors.get(room)
+                            if cursor is None or event["seq"] <= cursor:
+                                continue  # a room nobody here follows, or fanned out already
+                            if event["seq"] > cursor + 1:
+                                await self._catch_up(room)  # reads this one too
+                                continue
+                            self._fan_out(room, event)
             except Exception as exc:  # the one reader of every room must outlive any failure
                 if isinstance(exc, MemoryUnavailable):
                     log.warning("room events paused: %s; retrying in %.1fs", exc, delay)
                 else:
                     log.exception("room events paused; retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            for event in events:
-                room = event["room"]
-                if room == self._wake_room:
-                    self._wake_seq = max(self._wake_seq, event["seq"])
-                    continue
-                if room in self.cursors:
-                    self.cursors[room] = max(self.cursors[room], event["seq"])
-                for sub in list(self.subs.get(room, ())):
-                    sub.offer(event)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _catch_up(self, room: str) -> None:
+        cursor = self.cursors.get(room)
+        if cursor is None:
+            return
+        for event in await self.log.since(room, cursor):
+            if room in self.cursors and event["seq"] > self.cursors[room]:
+                self._fan_out(room, event)
+
+    def _fan_out(self, room: str, event: Event) -> None:
+        self.cursors[room] = event["seq"]
+        for sub in list(self.subs.get(room, ())):
+            sub.offer(event)

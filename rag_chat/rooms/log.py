@@ -1,9 +1,13 @@
 """The room event log: every event of a room, numbered by a room-wide increasing ``seq``.
 
 Redis: one stream per room, ``{prefix}room:{room}:log``, whose entry ids are ``{seq}-0``; a
-Lua script takes the next seq (INCR) and appends (XADD, capped with MAXLEN ~) atomically, so
-the order in the stream is the order everyone sees, on every instance. A reader that knows its
-last seq reads exactly what it missed with XRANGE, and follows the live tail with XREAD.
+Lua script takes the next seq (INCR), appends (XADD, capped with MAXLEN ~) and publishes what
+it appended on the instance-wide channel ``{prefix}room-events``, atomically, so the order in
+the stream is the order everyone sees, on every instance. A reader that knows its last seq
+reads exactly what it missed with XRANGE; ``live()`` follows every room at once from the
+channel: one connection, work per event rather than per room followed (an XREAD over every
+room an instance follows costs its size on every read: a third of the server's time at 250
+streaming answers).
 
 ``LocalRoomLog`` is the single-process implementation (used when Redis is not configured and
 not running): the same contract over in-process deques.
@@ -13,12 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -34,21 +42,26 @@ Event = dict[str, Any]
 
 LOG_MAXLEN = 10_000  # events kept per room (approximately: MAXLEN ~)
 LOG_TTL_S = 7 * 24 * 3600  # a room's log expires a week after its last event
-MAX_BLOCK_MS = 10_000
+LIVE_PING_S = 5.0  # the live connection pings Redis this often …
+LIVE_DEAD_S = 15.0  # … and counts it gone after this long without a byte from it
 MAX_FLUSHES = 4  # appends' pipelines in flight at once; more appends wait for the next one
 MAX_BATCH = 2000  # appends in one pipeline
 POOL_SIZE = 64  # connections per client: commands in flight beyond that wait for one
 POOL_WAIT_S = 15.0  # the longest wait for a connection (overload) before Redis counts as down
 
-# events in ARGV order get seqs first+1 … first+n (first is returned), atomically
+# events in ARGV order get seqs first+1 … first+n (first is returned), atomically; ARGV after
+# the events: MAXLEN, TTL, the live channel, the room. What is published: the room, first,
+# then the events, one a line (JSON holds no raw newline; room names hold none either)
 _APPEND = """
-local n = #ARGV - 2
+local n = #ARGV - 4
 local first = redis.call('INCRBY', KEYS[2], n) - n
 for i = 1, n do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[n + 1], (first + i) .. '-0', 'e', ARGV[i])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[n + 2])
 redis.call('EXPIRE', KEYS[2], ARGV[n + 2])
+local live = ARGV[n + 4] .. '\\n' .. first .. '\\n' .. table.concat(ARGV, '\\n', 1, n)
+redis.call('PUBLISH', ARGV[n + 3], live)
 return first
 """
 
@@ -64,7 +77,13 @@ class RoomLog(Protocol):
 
     async def since(self, room: str, after: int, limit: int = LOG_MAXLEN) -> list[Event]: ...
 
-    async def read(self, cursors: Mapping[str, int], block_ms: int) -> list[Event]: ...
+    def live(self) -> AsyncGenerator[list[Event], None]:
+        """Every room's events from now on, as they are appended: each room's in seq order.
+
+        The first batch is empty: it says the iterator is listening (what was appended before
+        it may be missing: read it with ``since``). A lost connection raises
+        ``MemoryUnavailable``; what was appended while it was away is read with ``since``."""
+        ...
 
     async def last_seq(self, room: str) -> int: ...
 
@@ -81,6 +100,11 @@ def redis_client(url: str, max_connections: int = POOL_SIZE, **options: Any) -> 
         url, max_connections=max_connections, timeout=POOL_WAIT_S, decode_responses=True, **options
     )
     return Redis.from_pool(pool)
+
+
+def live_channel(prefix: str) -> str:
+    """The channel every room's appends are published on (pub/sub ignores the DB number)."""
+    return f"{prefix}room-events"
 
 
 def _stamp(room: str, seq: int, event: Event) -> Event:
@@ -188,15 +212,9 @@ class RedisRoomLog:
         self._redis: Any = redis_client(
             url, socket_connect_timeout=2, socket_timeout=5, retry=retry
         )
-        # XREAD BLOCK holds its connection for up to MAX_BLOCK_MS on purpose: its own client,
-        # whose socket timeout outlasts the block
-        self._reader: Any = Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=2,
-            socket_timeout=MAX_BLOCK_MS / 1000 + 5,
-        )
+        self._url = url
         self.prefix = prefix
+        self.channel = live_channel(prefix)
         self._batch = _Batcher(self._redis, _APPEND)
 
     def _keys(self, room: str) -> tuple[str, str]:
@@ -211,7 +229,8 @@ class RedisRoomLog:
         now = time.time()
         events = [{**e, "ts": e.get("ts") or now} for e in events]
         first = await self._batch.run(
-            list(self._keys(room)), [*(_encode(e) for e in events), LOG_MAXLEN, LOG_TTL_S]
+            list(self._keys(room)),
+            [*(_encode(e) for e in events), LOG_MAXLEN, LOG_TTL_S, self.channel, room],
         )
         return [_stamp(room, int(first) + i, e) for i, e in enumerate(events, 1)]
 
@@ -223,22 +242,52 @@ class RedisRoomLog:
             raise MemoryUnavailable(f"Redis is not reachable for room events ({exc})") from exc
         return [_stamp(room, int(eid.split("-")[0]), _decode(f["e"])) for eid, f in rows]
 
-    async def read(self, cursors: Mapping[str, int], block_ms: int) -> list[Event]:
-        if not cursors:
-            await asyncio.sleep(block_ms / 1000)
-            return []
-        streams = {self._keys(room)[0]: f"{seq}-0" for room, seq in cursors.items()}
-        rooms = {self._keys(room)[0]: room for room in cursors}
+    async def live(self) -> AsyncGenerator[list[Event], None]:
+        # A connection of its own, read with hiredis directly: one wake-up per read from the
+        # socket, however many events it brings (redis-py's PubSub costs a coroutine chain per
+        # message). A ping every LIVE_PING_S; nothing heard for LIVE_DEAD_S: Redis is gone.
         try:
-            reply = await self._reader.xread(streams, block=min(block_ms, MAX_BLOCK_MS), count=1000)
-        except (RedisError, OSError) as exc:
+            reader, writer = await _open_redis(self._url)
+        except (OSError, TimeoutError, ValueError) as exc:
             raise MemoryUnavailable(f"Redis is not reachable for room events ({exc})") from exc
-        out = []
-        for key, rows in reply or []:
-            room = rooms[key]
-            for eid, fields in rows:
-                out.append(_stamp(room, int(eid.split("-")[0]), _decode(fields["e"])))
-        return out
+        parser = hiredis.Reader(encoding="utf-8", errors="replace")
+        heard = time.monotonic()
+
+        async def ping() -> None:
+            while True:
+                await asyncio.sleep(LIVE_PING_S)
+                if time.monotonic() - heard > LIVE_DEAD_S:
+                    writer.transport.abort()  # the read below ends
+                    return
+                writer.write(_command("PING"))
+
+        pinger = asyncio.create_task(ping())
+        try:
+            writer.write(_command("SUBSCRIBE", self.channel))
+            listening = False
+            while True:
+                try:
+                    data = await reader.read(1 << 16)
+                except OSError as exc:
+                    raise MemoryUnavailable(f"room events connection lost ({exc})") from exc
+                if not data:
+                    raise MemoryUnavailable("room events connection lost (closed by Redis)")
+                heard = time.monotonic()
+                parser.feed(data)
+                batch: list[Event] = []
+                while (reply := parser.gets()) is not False:
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise MemoryUnavailable(f"Redis refused the room events feed ({reply})")
+                    if reply[0] == "message":
+                        batch.extend(_published(reply[2]))
+                    elif reply[0] == "subscribe":
+                        listening = True
+                        yield []
+                if batch and listening:
+                    yield batch
+        finally:
+            pinger.cancel()
+            writer.transport.abort()
 
     async def last_seq(self, room: str) -> int:
         try:
@@ -257,7 +306,61 @@ class RedisRoomLog:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
-        await self._reader.aclose()
+
+
+def _published(message: str) -> list[Event]:
+    """A live message: the room, the first event's seq, then the events, one a line."""
+    room, first, *lines = message.split("\n")
+    seq = int(first)
+    return [_stamp(room, seq + i, _decode(line)) for i, line in enumerate(lines, 1)]
+
+
+def _command(*args: str) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        raw = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+async def _open_redis(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain connection to the Redis of ``url`` (TCP, TLS or a Unix socket), authenticated.
+    Pub/sub ignores the database number: channels are server-wide (hence the prefix)."""
+    params = parse_url(url)
+    path = params.get("path")
+    if path:
+        opening = asyncio.open_unix_connection(path)
+    else:
+        tls: ssl.SSLContext | None = None
+        if url.startswith("rediss://"):
+            tls = ssl.create_default_context()
+            if str(params.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+                tls.check_hostname = False
+                tls.verify_mode = ssl.CERT_NONE
+        opening = asyncio.open_connection(
+            params.get("host", "localhost"), int(params.get("port", 6379)), ssl=tls
+        )
+    reader, writer = await asyncio.wait_for(opening, 2)
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    password = params.get("password")
+    if password:
+        username = params.get("username")
+        writer.write(_command("AUTH", *([username] if username else []), password))
+        parser = hiredis.Reader(encoding="utf-8")
+        reply: Any = False
+        while reply is False:
+            data = await asyncio.wait_for(reader.read(1 << 12), 2)
+            if not data:
+                raise OSError("Redis closed the connection")
+            parser.feed(data)
+            reply = parser.gets()
+        if isinstance(reply, hiredis.ReplyError):
+            writer.transport.abort()
+            raise OSError(f"AUTH refused: {reply}")
+    return reader, writer
 
 
 class LocalRoomLog:
@@ -266,7 +369,7 @@ class LocalRoomLog:
     def __init__(self) -> None:
         self._logs: dict[str, deque[Event]] = {}
         self._seq: dict[str, int] = {}
-        self._changed = asyncio.Condition()
+        self._listeners: set[asyncio.Queue[list[Event]]] = set()
         self._claimed: dict[tuple[str, str], float] = {}
 
     async def append(self, room: str, event: Event) -> Event:
@@ -274,8 +377,7 @@ class LocalRoomLog:
         self._seq[room] = seq
         stamped = _stamp(room, seq, {**event, "ts": event.get("ts") or time.time()})
         self._logs.setdefault(room, deque(maxlen=LOG_MAXLEN)).append(stamped)
-        async with self._changed:
-            self._changed.notify_all()
+        self._publish([stamped])
         return stamped
 
     async def append_many(self, room: str, events: Sequence[Event]) -> list[Event]:
@@ -289,27 +391,28 @@ class LocalRoomLog:
             log.append(stamped)
             out.append(stamped)
         if out:
-            async with self._changed:
-                self._changed.notify_all()
+            self._publish(out)
         return out
+
+    def _publish(self, events: list[Event]) -> None:
+        for queue in self._listeners:
+            queue.put_nowait(events)
 
     async def since(self, room: str, after: int, limit: int = LOG_MAXLEN) -> list[Event]:
         return [e for e in self._logs.get(room, ()) if e["seq"] > after][:limit]
 
-    async def read(self, cursors: Mapping[str, int], block_ms: int) -> list[Event]:
-        def fresh() -> list[Event]:
-            return [e for room, seq in cursors.items() for e in self._logs.get(room, ())
-                    if e["seq"] > seq]  # fmt: skip
-
-        found = fresh()
-        if found:
-            return found
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait(), block_ms / 1000)
-            except TimeoutError:
-                return []
-        return fresh()
+    async def live(self) -> AsyncGenerator[list[Event], None]:
+        queue: asyncio.Queue[list[Event]] = asyncio.Queue()
+        self._listeners.add(queue)
+        try:
+            yield []
+            while True:
+                batch = list(await queue.get())
+                while not queue.empty():
+                    batch.extend(queue.get_nowait())
+                yield batch
+        finally:
+            self._listeners.discard(queue)
 
     async def last_seq(self, room: str) -> int:
         return self._seq.get(room, 0)

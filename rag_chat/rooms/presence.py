@@ -3,7 +3,8 @@
 Redis: the hash ``{prefix}room:{room}:members`` maps a connection id to ``{user, expires}``.
 Every operation is one Lua script that, atomically: drops expired entries, applies the add,
 remove or refresh, and appends the ``presence`` join/leave events it implies to the room's log,
-with the same seq counter as every other room event. So a user hopping between instances yields
+with the same seq counter as every other room event (and publishes them on the live channel,
+as :mod:`rag_chat.rooms.log` does). So a user hopping between instances yields
 exactly one join and one leave, and a crashed instance's users get their leave from whichever
 operation first sees their entries expired.
 
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from rag_chat.errors import MemoryUnavailable
-from rag_chat.rooms.log import LOG_MAXLEN, LOG_TTL_S, LocalRoomLog, redis_client
+from rag_chat.rooms.log import LOG_MAXLEN, LOG_TTL_S, LocalRoomLog, live_channel, redis_client
 
 PRESENCE_TTL_S = 30.0  # an entry not refreshed for this long is gone (its instance died)
 
@@ -44,14 +45,14 @@ for i = 1, #raw, 2 do
   end
 end
 if op == 'add' then
-  local e = {user = ARGV[6], expires = now + ttl}
-  live[ARGV[7]] = e
-  redis.call('HSET', KEYS[1], ARGV[7], cjson.encode(e))
+  local e = {user = ARGV[8], expires = now + ttl}
+  live[ARGV[9]] = e
+  redis.call('HSET', KEYS[1], ARGV[9], cjson.encode(e))
 elseif op == 'remove' then
-  live[ARGV[7]] = nil
-  redis.call('HDEL', KEYS[1], ARGV[7])
+  live[ARGV[9]] = nil
+  redis.call('HDEL', KEYS[1], ARGV[9])
 elseif op == 'refresh' then
-  for i = 7, #ARGV, 2 do
+  for i = 9, #ARGV, 2 do
     local e = live[ARGV[i]]
     if not e then
       e = {user = ARGV[i + 1]}
@@ -79,10 +80,11 @@ local function announce(action, user)
   local ev = '{"type":"presence","action":"' .. action .. '","user":' .. cjson.encode(user)
     .. ',"members":' .. members .. ',"ts":' .. ARGV[2] .. '}'
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'e', ev)
+  redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. (seq - 1) .. '\\n' .. ev)
   redis.call('EXPIRE', KEYS[2], ARGV[5])
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
-if op == 'add' and not before_live[ARGV[6]] then announce('join', ARGV[6]) end
+if op == 'add' and not before_live[ARGV[8]] then announce('join', ARGV[8]) end
 local back = {}
 for u, _ in pairs(restored) do table.insert(back, u) end
 table.sort(back)
@@ -121,7 +123,17 @@ class RedisPresence:
         try:
             raw = await self._script(
                 keys=[f"{p}:members", f"{p}:log", f"{p}:seq"],
-                args=[op, repr(time.time()), self.ttl_s, LOG_MAXLEN, LOG_TTL_S, user, *conns],
+                args=[
+                    op,
+                    repr(time.time()),
+                    self.ttl_s,
+                    LOG_MAXLEN,
+                    LOG_TTL_S,
+                    live_channel(self.prefix),
+                    room,
+                    user,
+                    *conns,
+                ],
             )
         except (RedisError, OSError) as exc:
             raise MemoryUnavailable(f"Redis is not reachable for presence ({exc})") from exc

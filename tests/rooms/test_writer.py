@@ -65,7 +65,9 @@ async def test_a_script_redis_does_not_know_yet_is_loaded(redis_log: RedisRoomLo
     # a script no Redis has seen: EVALSHA fails with NOSCRIPT, the batch loads it and retries
     fresh = _Batcher(redis_log._redis, _APPEND + f"\n-- {uuid.uuid4().hex}\n")
     keys = list(redis_log._keys("fresh"))
-    firsts = await asyncio.gather(*(fresh.run(keys, ['{"type":"x"}', 100, 60]) for _ in range(3)))
+    firsts = await asyncio.gather(
+        *(fresh.run(keys, ['{"type":"x"}', 100, 60, redis_log.channel, "fresh"]) for _ in range(3))
+    )
     assert sorted(firsts) == [0, 1, 2]  # each call's `first`: seqs 1, 2, 3, once each
     assert await redis_log.last_seq("fresh") == 3
 
