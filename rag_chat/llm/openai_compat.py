@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 
@@ -67,6 +68,10 @@ class OpenAICompatLLM:
             api_key=api_key,
             timeout=openai.Timeout(self.read_timeout, connect=CONNECT_TIMEOUT_S),
             max_retries=max_retries,
+            # the SDK's aiohttp transport (openai[aiohttp]): reading a streamed answer through
+            # httpx's own transport (h11, a cancel scope per read) was the server's largest
+            # cost with hundreds of answers streaming (benchmarks/concurrency.py, py-spy)
+            http_client=openai.DefaultAioHttpClient(),
         )
         # servers that reject stream_options get one retry without it, then never again
         self._usage_option = True
@@ -118,7 +123,7 @@ class OpenAICompatLLM:
     def _error(self, exc: BaseException) -> LLMError:
         where = f"the LLM server at {self.base_url}"
         # APITimeoutError is an APIConnectionError: test it first
-        if isinstance(exc, openai.APITimeoutError):
+        if isinstance(exc, openai.APITimeoutError) and _timed_out(exc):
             return LLMTimeout(f"{where} timed out")
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__
@@ -346,9 +351,23 @@ async def _chunks(response: Any, base_url: str) -> AsyncIterator[dict[str, Any]]
             if isinstance(chunk, dict):
                 yield chunk
     except _TIMEOUTS as exc:
-        raise LLMTimeout(f"the LLM server at {base_url} timed out") from exc
+        if _timed_out(exc):
+            raise LLMTimeout(f"the LLM server at {base_url} timed out") from exc
+        raise LLMUnavailable(f"cannot reach the LLM server at {base_url}: {_short(exc)}") from exc
     except _TRANSPORT as exc:  # the server died or dropped the connection mid-answer
         raise LLMUnavailable(f"cannot reach the LLM server at {base_url}: {_short(exc)}") from exc
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """False for a "timeout" that was a refused or dropped connection: the SDK's aiohttp
+    transport maps every aiohttp connection error, ConnectionRefused included, to
+    ConnectTimeout; the aiohttp error it came from tells."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientError):
+            return isinstance(seen, aiohttp.ServerTimeoutError)
+        seen = seen.__cause__ or seen.__context__
+    return True
 
 
 def _loads(text: str) -> Any:

@@ -169,6 +169,9 @@ class OnnxEncoder:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # idle intra-op threads sleep instead of spinning: a spinning pool after every query
+        # took CPU from the event loop relaying hundreds of answers on the same two cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tok.no_padding()
