@@ -16,6 +16,8 @@ not running): the same contract over in-process deques.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import socket
 import ssl
@@ -29,7 +31,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from rag_chat.errors import MemoryUnavailable
 
@@ -47,6 +49,7 @@ LIVE_DEAD_S = 15.0  # … and counts it gone after this long without a byte from
 MAX_FLUSHES = 4  # appends' pipelines in flight at once; more appends wait for the next one
 MAX_BATCH = 2000  # appends in one pipeline
 POOL_SIZE = 64  # connections per client: commands in flight beyond that wait for one
+PIPE_TIMEOUT_S = 5.0  # the longest wait for an append's reply before the connection counts as lost
 POOL_WAIT_S = 15.0  # the longest wait for a connection (overload) before Redis counts as down
 
 # events in ARGV order get seqs first+1 … first+n (first is returned), atomically; ARGV after
@@ -131,15 +134,111 @@ def _decode(raw: str | bytes) -> Event:
     return decoded
 
 
+class _Pipe:
+    """One plain connection that pipelines commands: each ``execute`` writes its commands at
+    once and gets their replies in order (hiredis parses them), several batches in flight.
+    What redis-py's pipeline costs per command (packing, response callbacks, retries) was a
+    sixth of the event loop with 500 answers streaming. A lost connection fails what is in
+    flight; the next batch connects again."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._db = int(parse_url(url).get("db") or 0)
+        self._writer: asyncio.StreamWriter | None = None
+        self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
+        self._connecting: asyncio.Task[None] | None = None
+        self._reading: asyncio.Task[None] | None = None
+
+    async def execute(self, commands: list[bytes]) -> list[Any]:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            if self._connecting is None:
+                self._connecting = asyncio.ensure_future(self._connect())
+            try:
+                await asyncio.shield(self._connecting)
+            finally:
+                if self._connecting is not None and self._connecting.done():
+                    self._connecting = None
+            writer = self._writer
+            assert writer is not None
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((len(commands), [], future))
+        writer.write(b"".join(commands))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), PIPE_TIMEOUT_S)
+        except TimeoutError:
+            self._fail(OSError(f"no reply from Redis in {PIPE_TIMEOUT_S:g} s"))
+            raise OSError(f"no reply from Redis in {PIPE_TIMEOUT_S:g} s") from None
+
+    async def _connect(self) -> None:
+        reader, writer = await _open_redis(self._url)
+        if self._db:
+            writer.write(_command("SELECT", str(self._db)))
+            parser = hiredis.Reader(encoding="utf-8")
+            reply: Any = False
+            while reply is False:
+                data = await asyncio.wait_for(reader.read(1 << 12), 2)
+                if not data:
+                    raise OSError("Redis closed the connection")
+                parser.feed(data)
+                reply = parser.gets()
+            if isinstance(reply, hiredis.ReplyError):
+                writer.transport.abort()
+                raise OSError(f"SELECT refused: {reply}")
+        self._writer = writer
+        self._reading = asyncio.ensure_future(self._read(reader, writer))
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader(encoding="utf-8", errors="replace")
+        waiting = self._waiting
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise OSError("Redis closed the connection")
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    count, replies, future = waiting[0]
+                    replies.append(reply)
+                    if len(replies) == count:
+                        waiting.popleft()
+                        if not future.done():
+                            future.set_result(replies)
+        except (OSError, IndexError) as exc:
+            if self._writer is writer:
+                self._fail(exc if isinstance(exc, OSError) else OSError("unexpected reply"))
+        except asyncio.CancelledError:
+            if self._writer is writer:
+                self._fail(OSError("connection closed"))
+            raise
+
+    def _fail(self, exc: OSError) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.transport.abort()
+        waiting, self._waiting = self._waiting, deque()
+        for _, _, future in waiting:
+            if not future.done():
+                future.set_exception(exc)
+
+    async def aclose(self) -> None:
+        self._fail(OSError("connection closed"))
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
+
+
 class _Batcher:
     """Runs one Lua script for many callers: the calls made while the event loop goes round
     once go to Redis as one pipeline (one write, one read), with up to ``MAX_FLUSHES``
     pipelines in flight. Per call that saves a connection checkout, a round trip of its own
     and two system calls: with hundreds of answers streaming, most of what an append cost."""
 
-    def __init__(self, redis: Any, script: str) -> None:
-        self._redis = redis
-        self._script = redis.register_script(script)  # its sha, and SCRIPT LOAD when needed
+    def __init__(self, url: str, script: str) -> None:
+        self._pipe = _Pipe(url)
+        self._script = script
+        self._sha = hashlib.sha1(script.encode()).hexdigest()
         self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
@@ -171,15 +270,18 @@ class _Batcher:
         self._schedule(asyncio.get_running_loop())
 
     async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        results: list[Any]
         try:
-            results = list(await self._pipeline(batch))
-            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            results = await self._pipeline(batch)
+            again = [i for i, r in enumerate(results) if _no_script(r)]
             if again:  # the first call, or Redis lost its scripts: load it, run those again
-                await self._redis.script_load(self._script.script)
+                (loaded,) = await self._pipe.execute([_command("SCRIPT", "LOAD", self._script)])
+                if isinstance(loaded, hiredis.ReplyError):
+                    raise OSError(f"SCRIPT LOAD refused: {loaded}")
                 redone = await self._pipeline([batch[i] for i in again])
                 for i, result in zip(again, redone, strict=True):
                     results[i] = result
-        except (RedisError, OSError) as exc:
+        except OSError as exc:
             results = [exc] * len(batch)
         except BaseException as exc:  # cancelled (shutdown): the callers must not hang
             for _, _, future in batch:
@@ -189,19 +291,29 @@ class _Batcher:
         for (_, _, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
-            if isinstance(result, BaseException):
+            if isinstance(result, hiredis.ReplyError):
+                future.set_exception(MemoryUnavailable(f"Redis refused a room event ({result})"))
+            elif isinstance(result, BaseException):
                 future.set_exception(
                     MemoryUnavailable(f"Redis is not reachable for room events ({result})")
                 )
             else:
                 future.set_result(result)
 
-    async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> Any:
-        sha = self._script.sha
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args, _ in batch:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=False)
+    async def _pipeline(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        sha = self._sha
+        return await self._pipe.execute(
+            [_command("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
+        )
+
+    async def aclose(self) -> None:
+        await self._pipe.aclose()
+
+
+def _no_script(reply: Any) -> bool:
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 class RedisRoomLog:
@@ -215,7 +327,7 @@ class RedisRoomLog:
         self._url = url
         self.prefix = prefix
         self.channel = live_channel(prefix)
-        self._batch = _Batcher(self._redis, _APPEND)
+        self._batch = _Batcher(url, _APPEND)
 
     def _keys(self, room: str) -> tuple[str, str]:
         return f"{self.prefix}room:{room}:log", f"{self.prefix}room:{room}:seq"
@@ -305,6 +417,7 @@ class RedisRoomLog:
             raise MemoryUnavailable(f"Redis is not reachable for room events ({exc})") from exc
 
     async def aclose(self) -> None:
+        await self._batch.aclose()
         await self._redis.aclose()
 
 
@@ -315,10 +428,11 @@ def _published(message: str) -> list[Event]:
     return [_stamp(room, seq + i, _decode(line)) for i, line in enumerate(lines, 1)]
 
 
-def _command(*args: str) -> bytes:
-    out = [f"*{len(args)}\r\n".encode()]
+def _command(*args: str | bytes | int) -> bytes:
+    """One command in RESP, the Redis wire format."""
+    out = [b"*%d\r\n" % len(args)]
     for arg in args:
-        raw = arg.encode()
+        raw = arg if isinstance(arg, bytes) else str(arg).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
     return b"".join(out)
 

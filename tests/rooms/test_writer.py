@@ -63,13 +63,32 @@ async def test_append_many_redis(redis_log: RedisRoomLog) -> None:
 
 async def test_a_script_redis_does_not_know_yet_is_loaded(redis_log: RedisRoomLog) -> None:
     # a script no Redis has seen: EVALSHA fails with NOSCRIPT, the batch loads it and retries
-    fresh = _Batcher(redis_log._redis, _APPEND + f"\n-- {uuid.uuid4().hex}\n")
+    fresh = _Batcher(REDIS_URL, _APPEND + f"\n-- {uuid.uuid4().hex}\n")
     keys = list(redis_log._keys("fresh"))
     firsts = await asyncio.gather(
         *(fresh.run(keys, ['{"type":"x"}', 100, 60, redis_log.channel, "fresh"]) for _ in range(3))
     )
     assert sorted(firsts) == [0, 1, 2]  # each call's `first`: seqs 1, 2, 3, once each
     assert await redis_log.last_seq("fresh") == 3
+    await fresh.aclose()
+
+
+async def test_appends_reconnect_after_the_connection_drops(redis_log: RedisRoomLog) -> None:
+    await redis_log.append("drop", {"type": "x", "n": 0})
+    writer = redis_log._batch._pipe._writer
+    assert writer is not None
+    writer.transport.abort()  # what a Redis restart or a network cut does to it
+    await asyncio.sleep(0.05)
+    await redis_log.append("drop", {"type": "x", "n": 1})  # a new connection, nothing lost
+    assert [e["n"] for e in await redis_log.since("drop", 0)] == [0, 1]
+
+
+async def test_an_error_reply_reaches_the_caller(redis_log: RedisRoomLog) -> None:
+    # the room's seq key holding something that is not a number: INCRBY fails in the script
+    await redis_log._redis.set(redis_log._keys("broken")[1], "not a number")
+    with pytest.raises(MemoryUnavailable, match="not an integer"):
+        await redis_log.append("broken", {"type": "x"})
+    await redis_log.append("fine", {"type": "x"})  # the connection still serves
 
 
 class SlowLog(LocalRoomLog):
