@@ -13,7 +13,7 @@ own. All C connect first; then each starts at a random moment within ``--ramp`` 
 answer's length by default) and asks ``[[tokens=200 rate=20]]`` (a 200-token answer at 20
 tokens/s), again and again in the same conversation, until ``--duration`` seconds after the
 ramp; the answers in flight then finish. Clients are spread over source addresses 127.0.0.1,
-127.0.0.2, … (at most 1,000 per address: in open mode the per-user caps count per address, and
+127.0.0.2, … (at most 500 per address: in open mode the per-user caps count per address, and
 RAG_MAX_REPLIES_PER_USER cannot exceed 1,000).
 
 Per level: aggregate tokens/s delivered in the steady window (after the ramp) next to the ideal
@@ -87,7 +87,11 @@ from rag_chat.testing.token_server import token_text  # noqa: E402
 
 GOAL_GAP_MS = 100.0
 GOAL_TTFT_MS = 300.0
-PER_ADDRESS = 1000  # RAG_MAX_REPLIES_PER_USER's ceiling; open mode counts per client address
+# RAG_MAX_REPLIES_PER_USER's ceiling is 1,000 and open mode counts per client address; a client
+# asks again the moment its answer's ai.done arrives, a moment before the server releases that
+# answer's slot, so an address at the cap briefly holds one more: 500 per address keeps the
+# load test from measuring the cap (1,000 clients on one address got ~30 too_many_replies)
+PER_ADDRESS = 500
 CONNECTS_AT_ONCE = 100
 LAG_PROBE_S = 0.1
 
