@@ -143,7 +143,6 @@ class _Pipe:
 
     def __init__(self, url: str) -> None:
         self._url = url
-        self._db = int(parse_url(url).get("db") or 0)
         self._writer: asyncio.StreamWriter | None = None
         self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
         self._connecting: asyncio.Task[None] | None = None
@@ -171,20 +170,7 @@ class _Pipe:
             raise OSError(f"no reply from Redis in {PIPE_TIMEOUT_S:g} s") from None
 
     async def _connect(self) -> None:
-        reader, writer = await _open_redis(self._url)
-        if self._db:
-            writer.write(_command("SELECT", str(self._db)))
-            parser = hiredis.Reader(encoding="utf-8")
-            reply: Any = False
-            while reply is False:
-                data = await asyncio.wait_for(reader.read(1 << 12), 2)
-                if not data:
-                    raise OSError("Redis closed the connection")
-                parser.feed(data)
-                reply = parser.gets()
-            if isinstance(reply, hiredis.ReplyError):
-                writer.transport.abort()
-                raise OSError(f"SELECT refused: {reply}")
+        reader, writer = await _open_redis(self._url, select_db=True)
         self._writer = writer
         self._reading = asyncio.ensure_future(self._read(reader, writer))
 
@@ -437,9 +423,12 @@ def _command(*args: str | bytes | int) -> bytes:
     return b"".join(out)
 
 
-async def _open_redis(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A plain connection to the Redis of ``url`` (TCP, TLS or a Unix socket), authenticated.
-    Pub/sub ignores the database number: channels are server-wide (hence the prefix)."""
+async def _open_redis(
+    url: str, *, select_db: bool = False
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain connection to the Redis of ``url`` (TCP, TLS or a Unix socket), authenticated,
+    and on the URL's database with ``select_db`` (pub/sub ignores the database number: its
+    channels are server-wide, hence the prefix)."""
     params = parse_url(url)
     path = params.get("path")
     if path:
@@ -462,19 +451,28 @@ async def _open_redis(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     password = params.get("password")
     if password:
         username = params.get("username")
-        writer.write(_command("AUTH", *([username] if username else []), password))
-        parser = hiredis.Reader(encoding="utf-8")
-        reply: Any = False
-        while reply is False:
-            data = await asyncio.wait_for(reader.read(1 << 12), 2)
-            if not data:
-                raise OSError("Redis closed the connection")
-            parser.feed(data)
-            reply = parser.gets()
-        if isinstance(reply, hiredis.ReplyError):
-            writer.transport.abort()
-            raise OSError(f"AUTH refused: {reply}")
+        await _ask(reader, writer, "AUTH", *([username] if username else []), password)
+    if select_db and params.get("db"):
+        await _ask(reader, writer, "SELECT", str(params["db"]))
     return reader, writer
+
+
+async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *args: str) -> Any:
+    """One command and its reply, on a connection nothing else uses yet."""
+    writer.write(_command(*args))
+    parser = hiredis.Reader(encoding="utf-8")
+    reply: Any = False
+    while reply is False:
+        data = await asyncio.wait_for(reader.read(1 << 12), 2)
+        if not data:
+            writer.transport.abort()
+            raise OSError("Redis closed the connection")
+        parser.feed(data)
+        reply = parser.gets()
+    if isinstance(reply, hiredis.ReplyError):
+        writer.transport.abort()
+        raise OSError(f"{args[0]} refused: {reply}")
+    return reply
 
 
 class LocalRoomLog:

@@ -7,6 +7,7 @@ The helpers (``Client``, ``spawn_servers``, ...) are imported by the test module
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -157,6 +158,14 @@ def spawn_servers(names: list[str], env: dict[str, str], log_dir: Path) -> list[
         procs.append(spawn(name, args, env, log_dir, f"http://127.0.0.1:{port}"))
     wait_ready(procs, "/readyz")
     return procs
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait (without blocking the event loop) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 def new_prefix() -> str:

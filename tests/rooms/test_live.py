@@ -7,20 +7,21 @@ appends go on, a message lost — and every subscriber must still get every even
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import subprocess
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
 
 from rag_chat.errors import MemoryUnavailable
 from rag_chat.rooms import RedisPresence, RedisRoomLog, RoomHub
 from rag_chat.rooms.log import Event
-from tests.rooms.conftest import REDIS_URL, delete_prefix, new_prefix
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+from tests.memory import RedisServer
+from tests.rooms.conftest import REDIS_URL, delete_prefix, new_prefix, until
 
 
 class _FlakyLog(RedisRoomLog):
@@ -48,7 +49,7 @@ async def _room(log: _FlakyLog) -> tuple[RoomHub, list[Event]]:
     hub.start()
     got: list[Event] = []
     await hub.subscribe("r", None, got.append)
-    await _until(lambda: log.connections == 1)
+    await until(lambda: log.connections == 1)
     return hub, got
 
 
@@ -58,15 +59,15 @@ async def test_events_appended_while_the_feed_was_down_arrive_after_it_is_back()
     hub, got = await _room(log)
     try:
         await log.append("r", {"type": "message", "n": 0})
-        await _until(lambda: len(got) == 1)
+        await until(lambda: len(got) == 1)
         log.cut = True
         for n in range(1, 21):  # the first of these cuts the feed; the rest come while it is down
             await log.append("r", {"type": "message", "n": n})
-        await _until(lambda: len(got) == 21)
+        await until(lambda: len(got) == 21)
         assert log.connections == 2  # it reconnected …
         assert [e["n"] for e in got] == list(range(21))  # … and nothing is missing or twice
         await log.append("r", {"type": "message", "n": 21})
-        await _until(lambda: len(got) == 22)
+        await until(lambda: len(got) == 22)
         assert [e["seq"] for e in got] == list(range(1, 23))
     finally:
         await hub.stop()
@@ -80,13 +81,13 @@ async def test_a_lost_message_is_read_from_the_log_when_the_next_one_comes() -> 
     hub, got = await _room(log)
     try:
         await log.append("r", {"type": "message", "n": 0})
-        await _until(lambda: len(got) == 1)
+        await until(lambda: len(got) == 1)
         log.lose = True
         await log.append("r", {"type": "message", "n": 1})  # never reaches the hub live
         await asyncio.sleep(0.2)
         assert len(got) == 1
         await log.append("r", {"type": "message", "n": 2})  # seq 3 after 1: the gap is read
-        await _until(lambda: len(got) == 3)
+        await until(lambda: len(got) == 3)
         assert [e["n"] for e in got] == [0, 1, 2]
         assert log.connections == 1  # no reconnection was needed
     finally:
@@ -116,3 +117,48 @@ async def test_the_feed_carries_batches_and_presence_with_their_seqs() -> None:
         await feed.aclose()
         await log.aclose()
         delete_prefix(prefix)
+
+
+class _PasswordRedis(RedisServer):
+    """A private redis-server that wants a password (the raw connections AUTH, then SELECT)."""
+
+    def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--requirepass", "s3cret", "--dir", str(self.workdir)]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + 10
+        while True:  # ready once it answers at all (NOAUTH)
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
+            ):
+                s.sendall(b"PING\r\n")
+                if s.recv(16):
+                    return
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+
+async def test_a_password_and_a_database_number_in_the_url(tmp_path: Path) -> None:
+    server = _PasswordRedis(tmp_path)
+    server.start()
+    try:
+        log = _FlakyLog(f"redis://:s3cret@127.0.0.1:{server.port}/3", "pw:")
+        hub, got = await _room(log)
+        await log.append("r", {"type": "message", "n": 0})
+        await until(lambda: len(got) == 1)
+        await hub.stop()
+        await log.aclose()
+        # the append went to database 3, where redis-py (and `since`) read it
+        reader = Redis.from_url(f"redis://:s3cret@127.0.0.1:{server.port}/3")
+        assert await reader.exists("pw:room:r:log") == 1
+        await reader.aclose()
+        wrong = RedisRoomLog(f"redis://:nope@127.0.0.1:{server.port}/3", "pw:")
+        with pytest.raises(MemoryUnavailable):
+            await wrong.append("r", {"type": "message"})
+        await wrong.aclose()
+    finally:
+        server.stop()

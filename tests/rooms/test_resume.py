@@ -5,7 +5,6 @@ resumed with ``Last-Event-ID`` on the other instance completes the answer."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
@@ -30,6 +29,7 @@ from tests.rooms.conftest import (
     new_prefix,
     new_room,
     room_events,
+    until,
 )
 
 SEED = 1234
@@ -333,13 +333,6 @@ def test_sse_resumed_with_last_event_id_on_the_other_instance(cluster: Cluster) 
     assert "".join(tokens) == token_text(30)
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 class _RacingLog(RedisRoomLog):
     """The real Redis log; ``during_head_read`` runs after the next ``last_seq`` read has been
     answered and before its caller resumes: what a busy event loop does to a join."""
@@ -367,18 +360,18 @@ async def test_a_resume_at_the_head_of_a_busy_room_misses_nothing() -> None:
         other: list[Event] = []
         await hub.subscribe(room, None, other.append)
         await log.append(room, {"type": "message", "n": 1})
-        await _until(lambda: len(other) == 1)
+        await until(lambda: len(other) == 1)
         head = other[-1]["seq"]
 
         async def an_event_goes_out() -> None:
             await log.append(room, {"type": "message", "n": 2})
-            await _until(lambda: len(other) == 2)  # the reader fanned it out to who it knew
+            await until(lambda: len(other) == 2)  # the reader fanned it out to who it knew
 
         log.during_head_read = an_event_goes_out
         resumed: list[Event] = []
         await hub.subscribe(room, head, resumed.append)
         await log.append(room, {"type": "message", "n": 3})
-        await _until(lambda: len(other) == 3)
+        await until(lambda: len(other) == 3)
         assert [e["n"] for e in other] == [1, 2, 3]
         assert [e["n"] for e in resumed] == [2, 3]
     finally:
