@@ -11,7 +11,7 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -44,20 +44,30 @@ class _FlakyLog(RedisRoomLog):
             yield batch
 
 
-async def _room(log: _FlakyLog) -> tuple[RoomHub, list[Event]]:
+@contextlib.asynccontextmanager
+async def _following(
+    url: str = REDIS_URL, prefix: str | None = None
+) -> AsyncIterator[tuple[_FlakyLog, list[Event]]]:
+    """A flaky log and a hub following room "r" from now on (what it delivers is collected);
+    stopped and, on the shared Redis, its keys deleted afterwards."""
+    prefix = prefix or new_prefix()
+    log = _FlakyLog(url, prefix)
     hub = RoomHub(log)
     hub.start()
-    got: list[Event] = []
-    await hub.subscribe("r", None, got.append)
-    await until(lambda: log.connections == 1)
-    return hub, got
+    try:
+        got: list[Event] = []
+        await hub.subscribe("r", None, got.append)
+        await until(lambda: log.connections == 1)
+        yield log, got
+    finally:
+        await hub.stop()
+        await log.aclose()
+        if url == REDIS_URL:
+            delete_prefix(prefix)
 
 
 async def test_events_appended_while_the_feed_was_down_arrive_after_it_is_back() -> None:
-    prefix = new_prefix()
-    log = _FlakyLog(REDIS_URL, prefix)
-    hub, got = await _room(log)
-    try:
+    async with _following() as (log, got):
         await log.append("r", {"type": "message", "n": 0})
         await until(lambda: len(got) == 1)
         log.cut = True
@@ -69,17 +79,10 @@ async def test_events_appended_while_the_feed_was_down_arrive_after_it_is_back()
         await log.append("r", {"type": "message", "n": 21})
         await until(lambda: len(got) == 22)
         assert [e["seq"] for e in got] == list(range(1, 23))
-    finally:
-        await hub.stop()
-        await log.aclose()
-        delete_prefix(prefix)
 
 
 async def test_a_lost_message_is_read_from_the_log_when_the_next_one_comes() -> None:
-    prefix = new_prefix()
-    log = _FlakyLog(REDIS_URL, prefix)
-    hub, got = await _room(log)
-    try:
+    async with _following() as (log, got):
         await log.append("r", {"type": "message", "n": 0})
         await until(lambda: len(got) == 1)
         log.lose = True
@@ -90,10 +93,6 @@ async def test_a_lost_message_is_read_from_the_log_when_the_next_one_comes() -> 
         await until(lambda: len(got) == 3)
         assert [e["n"] for e in got] == [0, 1, 2]
         assert log.connections == 1  # no reconnection was needed
-    finally:
-        await hub.stop()
-        await log.aclose()
-        delete_prefix(prefix)
 
 
 async def test_the_feed_carries_batches_and_presence_with_their_seqs() -> None:
@@ -146,12 +145,9 @@ async def test_a_password_and_a_database_number_in_the_url(tmp_path: Path) -> No
     server = _PasswordRedis(tmp_path)
     server.start()
     try:
-        log = _FlakyLog(f"redis://:s3cret@127.0.0.1:{server.port}/3", "pw:")
-        hub, got = await _room(log)
-        await log.append("r", {"type": "message", "n": 0})
-        await until(lambda: len(got) == 1)
-        await hub.stop()
-        await log.aclose()
+        async with _following(f"redis://:s3cret@127.0.0.1:{server.port}/3", "pw:") as (log, got):
+            await log.append("r", {"type": "message", "n": 0})
+            await until(lambda: len(got) == 1)
         # the append went to database 3, where redis-py (and `since`) read it
         reader = Redis.from_url(f"redis://:s3cret@127.0.0.1:{server.port}/3")
         assert await reader.exists("pw:room:r:log") == 1
