@@ -213,6 +213,9 @@ class _StubHandler(BaseHTTPRequestHandler):
 
     strict = False
     stall_s = 0.0
+    # the event stream with CRLF (or lone CR) line ends, written a few bytes at a time
+    line_end = "\n"
+    piece = 0
     requests: list[dict[str, object]]
 
     def log_message(self, format: str, *args: object) -> None:
@@ -224,7 +227,14 @@ class _StubHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not self.piece:
+                self.wfile.write(body)
+                return
+            self.wfile.flush()
+            for i in range(0, len(body), self.piece):  # each piece its own network read
+                self.wfile.write(body[i : i + self.piece])
+                self.wfile.flush()
+                time.sleep(0.002)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up on a stall
             pass
 
@@ -248,13 +258,14 @@ class _StubHandler(BaseHTTPRequestHandler):
         if "stream_options" in body:
             usage = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
             chunks.append({**base, "choices": [], "usage": usage})
-        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        end = self.line_end
+        sse = "".join(f"data: {json.dumps(c)}{end}{end}" for c in chunks) + f"data: [DONE]{end}"
         self._send(200, sse.encode(), "text/event-stream")
 
 
 @contextlib.contextmanager
 def run_stub(
-    strict: bool = False, stall_s: float = 0.0
+    strict: bool = False, stall_s: float = 0.0, line_end: str = "\n", piece: int = 0
 ) -> Iterator[tuple[str, list[dict[str, object]]]]:
     requests: list[dict[str, object]] = []
 
@@ -262,6 +273,7 @@ def run_stub(
         pass
 
     Handler.strict, Handler.stall_s, Handler.requests = strict, stall_s, requests
+    Handler.line_end, Handler.piece = line_end, piece
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
@@ -310,3 +322,37 @@ async def test_usage_is_read_when_sent_and_stream_options_dropped_when_rejected(
             assert usage.prompt_tokens == llm.count_tokens(STORY[0]["content"])
     finally:
         await llm.aclose()
+
+
+async def test_the_event_stream_is_read_from_the_aiohttp_response() -> None:
+    """The fast path (rag_chat.llm.openai_compat._aiohttp_body) finds the aiohttp response
+    under the installed SDK's: if an SDK upgrade moves it, this fails rather than the server
+    quietly falling back to the SDK's (slower) line iterator."""
+    with run_stub() as (url, _):
+        llm = OpenAICompatLLM(url, model="stub-model")
+        try:
+            async with llm._client.chat.completions.with_streaming_response.create(
+                model="stub-model", messages=[{"role": "user", "content": "hi"}], stream=True
+            ) as response:
+                body = openai_compat._aiohttp_body(response)
+                assert body is not None
+                lines = [line async for line in openai_compat._lines(response)]
+            assert lines[0].startswith("data: {") and lines[1] == "" and lines[-1] == ""
+            assert "data: [DONE]" in lines
+        finally:
+            await llm.aclose()
+
+
+@pytest.mark.parametrize("line_end", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("piece", [0, 1, 5], ids=["whole", "bytewise", "5-byte-pieces"])
+async def test_line_ends_and_events_cut_across_reads(line_end: str, piece: int) -> None:
+    """Events whose lines end in LF, CRLF or a lone CR, arriving whole or a few bytes per read
+    (a CRLF cut between two reads included), give the same answer and usage."""
+    with run_stub(line_end=line_end, piece=piece) as (url, _):
+        llm = OpenAICompatLLM(url, model="stub-model")
+        try:
+            text, reason, usage = await complete(llm, STORY, max_tokens=8)
+            assert (text, reason) == ("Hi!", "stop")
+            assert (usage.prompt_tokens, usage.completion_tokens) == (11, 2)
+        finally:
+            await llm.aclose()
