@@ -261,6 +261,8 @@ class Connection:
         self.reply_rooms: dict[str, str] = {}  # AI message_id -> room, to cancel by id alone
         self.ending: Hopeless | None = None
         self._task: asyncio.Task[None] | None = None
+        self._send_started: float | None = None  # loop time the frame being sent was handed over
+        self._send_timer: asyncio.TimerHandle | None = None
 
     @property
     def conn_id(self) -> str:
@@ -348,19 +350,42 @@ class Connection:
         self.deliver({"type": "error", "code": code, "message": message, **extra})
 
     async def _sender(self) -> None:
-        while (event := await self.out.get()) is not None:
-            frame = dumps(event)
-            try:
-                # asyncio.timeout, not wait_for: no extra task per frame on the hot path
-                async with asyncio.timeout(SEND_TIMEOUT_S):
+        loop = asyncio.get_running_loop()
+        try:
+            while (event := await self.out.get()) is not None:
+                frame = dumps(event)
+                self._send_started = loop.time()
+                if self._send_timer is None:
+                    self._send_timer = loop.call_at(
+                        self._send_started + SEND_TIMEOUT_S, self._check_send
+                    )
+                try:
                     await self.ws.send_text(frame)
-            except TimeoutError:
-                self.end(CLOSE_TOO_SLOW, "client too slow to keep up")
-                return
-            except Exception as exc:  # the socket is gone: the receive loop sees it too
-                log.debug("send failed, connection gone: %r", exc)
-                return
-            self._trace("send", event_summary(event), len(frame))
+                except Exception as exc:  # the socket is gone: the receive loop sees it too
+                    log.debug("send failed, connection gone: %r", exc)
+                    return
+                finally:
+                    self._send_started = None
+                if trace.isEnabledFor(logging.DEBUG):
+                    self._trace("send", event_summary(event), len(frame))
+        finally:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+    def _check_send(self) -> None:
+        """A frame must be taken within SEND_TIMEOUT_S. One timer per connection, armed by the
+        first send and re-armed here only while a send is on its way: a timeout around every
+        frame (a timer started and cancelled per token) was a tenth of the sender's time."""
+        self._send_timer = None
+        started = self._send_started
+        if started is None or self.ending is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - started >= SEND_TIMEOUT_S:
+            self.end(CLOSE_TOO_SLOW, "client too slow to keep up")
+        else:
+            self._send_timer = loop.call_at(started + SEND_TIMEOUT_S, self._check_send)
 
     def _bad(self, message: str, **extra: Any) -> None:
         self.error("bad_request", message, **extra)

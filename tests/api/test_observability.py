@@ -5,6 +5,7 @@ formatter, and the Grafana dashboard queries only metrics the app serves."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -23,7 +24,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import WebSocketTestSession
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.sync.client import connect as ws_connect
 
 from rag_chat.api import ws as ws_module
@@ -211,13 +212,22 @@ def test_metrics_follow_answers_cancels_resumes_and_limits(
 def test_a_slow_consumer_is_dropped_and_counted(
     make_app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ws_module, "SEND_TIMEOUT_S", 0)  # no frame is ever taken in time
+    """A client that never takes a frame: after SEND_TIMEOUT_S the connection is closed with
+    1013 (a real client that stops reading: tests/faults/test_client_faults.py)."""
+    monkeypatch.setattr(ws_module, "SEND_TIMEOUT_S", 0.3)
+
+    async def never_taken(self: WebSocket, data: str) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(WebSocket, "send_text", never_taken)
     with TestClient(make_app(FakeLLM())) as client:
         with client.websocket_connect("/ws") as ws:
-            ws.send_json({"type": "ping"})
+            ws.send_json({"type": "ping"})  # its pong is the frame never taken
+            t0 = time.monotonic()
             with pytest.raises(WebSocketDisconnect) as info:
                 ws.receive_json()
             assert info.value.code == ws_module.CLOSE_TOO_SLOW
+            assert 0.3 <= time.monotonic() - t0 < 10
         m = scrape(client)
         assert value(m, "rag_slow_consumers_dropped_total") == 1
         assert value(m, "rag_errors_total", code="too_slow") == 1
