@@ -1,4 +1,5 @@
-"""uvicorn, adapted: a graceful drain before shutdown, and sockets of stalled clients released.
+"""uvicorn, adapted: a graceful drain before shutdown, sockets of stalled clients released, and
+short WebSocket messages sent uncompressed.
 
 uvicorn's WebSocket protocol ends a connection with ``transport.close()``, which waits for the
 write buffer to drain: a client that stopped reading would hold its socket (and megabytes of
@@ -13,14 +14,58 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from websockets.extensions.base import Extension
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
+from websockets.typing import ExtensionName, ExtensionParameter
 
 from rag_chat.app import drain
 
 log = logging.getLogger(__name__)
+
+
+# messages shorter than this go out uncompressed even when the client negotiated
+# permessage-deflate (RFC 7692 lets either side send any message uncompressed)
+COMPRESS_MIN_BYTES = 256
+
+
+class SmallMessagesPlain(Extension):
+    """permessage-deflate that leaves short messages uncompressed, the way Node's ``ws`` and
+    Socket.IO do (their ``threshold``): a token's frame is ~100 bytes, which deflate barely
+    shrinks, and compressing each one was a third of the cost of sending it
+    (benchmarks/concurrency.py under py-spy). Longer messages (sources, history, a reply
+    merged for a slow reader) are compressed as before."""
+
+    name = ExtensionName("permessage-deflate")
+
+    def __init__(self, inner: Extension, min_bytes: int = COMPRESS_MIN_BYTES) -> None:
+        self.inner = inner
+        self.min_bytes = min_bytes
+
+    def decode(self, frame: Frame, *, max_size: int | None = None) -> Frame:
+        return self.inner.decode(frame, max_size=max_size)
+
+    def encode(self, frame: Frame) -> Frame:
+        # a whole message in one frame (what the server sends): RSV1 stays clear, so the
+        # client reads it as uncompressed; fragments follow their first frame's choice
+        whole = frame.fin and frame.opcode in (Opcode.TEXT, Opcode.BINARY)
+        if whole and len(frame.data) < self.min_bytes:
+            return frame
+        return self.inner.encode(frame)
+
+
+class ThresholdDeflateFactory(ServerPerMessageDeflateFactory):
+    def process_request_params(  # type: ignore[override]  # it returns a wrapper
+        self, params: Sequence[ExtensionParameter], accepted_extensions: Sequence[Extension]
+    ) -> tuple[list[ExtensionParameter], Extension]:
+        response, extension = super().process_request_params(params, accepted_extensions)
+        return response, SmallMessagesPlain(extension)
 
 
 def _dropping_protocol() -> Any:
@@ -30,6 +75,22 @@ def _dropping_protocol() -> Any:
         return "auto"
 
     class DroppingWebSocketsProtocol(WebSocketsSansIOProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.config.ws_per_message_deflate:
+                # uvicorn's own settings, with short messages left uncompressed
+                self.conn = ServerProtocol(
+                    extensions=[
+                        ThresholdDeflateFactory(
+                            server_max_window_bits=12,
+                            client_max_window_bits=12,
+                            compress_settings={"memLevel": 5},
+                        )
+                    ],
+                    max_size=self.config.ws_max_size,
+                    logger=logging.getLogger("uvicorn.error"),
+                )
+
         def _drop_later(self) -> None:
             if not self.disconnected:
                 self.loop.call_later(self.close_timeout, self._drop)

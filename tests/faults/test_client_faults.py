@@ -15,8 +15,16 @@ import http.client
 import json
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from websockets.extensions.base import Extension
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import ExtensionName, ExtensionParameter
+
+from rag_chat.server import COMPRESS_MIN_BYTES
 from rag_chat.testing.token_server import token_text
 from tests.faults.conftest import (
     GRACE_S,
@@ -250,3 +258,55 @@ def _ask(client: Client, room: str) -> int:
     since = client.mark()
     client.send(type="message", room=room, text="@ai once more [[tokens=30 rate=400]]")
     return since
+
+
+class _Recorded(Extension):
+    """Wraps the client's permessage-deflate and records, for each message, whether it came
+    compressed (RSV1) and its size on the wire."""
+
+    name = ExtensionName("permessage-deflate")
+
+    def __init__(self, inner: Extension, seen: list[tuple[bool, int]]) -> None:
+        self.inner, self.seen = inner, seen
+
+    def decode(self, frame: Frame, *, max_size: int | None = None) -> Frame:
+        if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+            self.seen.append((frame.rsv1, len(frame.data)))
+        return self.inner.decode(frame, max_size=max_size)
+
+    def encode(self, frame: Frame) -> Frame:
+        return self.inner.encode(frame)
+
+
+def test_short_messages_go_out_uncompressed(healthy: Instance) -> None:
+    """A client that negotiates permessage-deflate (every browser does) gets tokens and other
+    short events uncompressed and long ones (sources) compressed; both decode to the same
+    events, and the answer arrives whole."""
+    seen: list[tuple[bool, int]] = []
+
+    class Factory(ClientPerMessageDeflateFactory):
+        def process_response_params(
+            self, params: Sequence[ExtensionParameter], accepted: Sequence[Extension]
+        ) -> Any:
+            return _Recorded(super().process_response_params(params, accepted), seen)
+
+    url = healthy.proc.url.replace("http://", "ws://") + "/ws"
+    with ws_connect(url, compression=None, extensions=[Factory()], proxy=None) as ws:
+        assert ws.response is not None
+        assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
+        ws.send(json.dumps({"type": "message", "text": "How do I ingest PDF files? [[tokens=20]]"}))
+        events: list[Event] = []
+        while not events or events[-1]["type"] != "ai.done":
+            events.append(json.loads(ws.recv(timeout=30)))
+    assert len(seen) == len(events)
+    kinds = {e["type"]: compressed for e, (compressed, _) in zip(events, seen, strict=True)}
+    assert kinds["ai.token"] is False and kinds["ai.sources"] is True, seen
+    for (compressed, wire), event in zip(seen, events, strict=True):
+        # the size of the server's JSON, give or take a float's digits
+        size = len(json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode())
+        if abs(size - COMPRESS_MIN_BYTES) > 16:
+            assert compressed == (size > COMPRESS_MIN_BYTES), (event["type"], size, wire)
+    message_id = events[-1]["message_id"]
+    assert "".join(
+        e["delta"] for e in events if e["type"] == "ai.token" and e["message_id"] == message_id
+    ) == token_text(20)
