@@ -4,15 +4,20 @@ rooms), and the reply writer that merges tokens coming while one is on its way t
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 
 from rag_chat.errors import MemoryUnavailable
 from rag_chat.rooms import LocalRoomLog, RedisRoomLog
+from rag_chat.rooms import log as log_module
 from rag_chat.rooms.log import _APPEND, Event, RoomLog, _Batcher
 from rag_chat.rooms.service import ReplyWriter
+from tests.memory import RedisServer
 from tests.rooms.conftest import REDIS_URL, delete_prefix, new_prefix
 
 
@@ -89,6 +94,43 @@ async def test_an_error_reply_reaches_the_caller(redis_log: RedisRoomLog) -> Non
     with pytest.raises(MemoryUnavailable, match="not an integer"):
         await redis_log.append("broken", {"type": "x"})
     await redis_log.append("fine", {"type": "x"})  # the connection still serves
+
+
+async def test_a_redis_that_stops_answering_fails_the_appends_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen Redis (SIGSTOP: the connection stays up, nothing comes back): the appends on
+    their way fail with MemoryUnavailable after PIPE_TIMEOUT_S instead of waiting forever, and
+    once Redis answers again the next append gets a new connection."""
+    monkeypatch.setattr(log_module, "PIPE_TIMEOUT_S", 0.5)
+    server = RedisServer(tmp_path)
+    server.start()
+    room_log = RedisRoomLog(server.url, "frozen:")
+    try:
+        await room_log.append("r", {"type": "x", "n": 0})
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(room_log.append("r", {"type": "x", "n": n}) for n in (1, 2, 3)),
+                    return_exceptions=True,
+                ),
+                10,
+            )
+            waited = time.monotonic() - t0
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert all(isinstance(r, MemoryUnavailable) for r in results), results
+        assert "no reply from Redis" in str(results[0])
+        assert 0.5 <= waited < 5
+        await room_log.append("r", {"type": "x", "n": 4})
+        # what the frozen server had read meanwhile it may still have run: 4 comes last
+        assert [e["n"] for e in await room_log.since("r", 0)][-1] == 4
+    finally:
+        await room_log.aclose()
+        server.stop()
 
 
 class SlowLog(LocalRoomLog):
