@@ -106,6 +106,9 @@ class Answer:
     finish: str | None = None
     complete: bool = False
     done: bool = False
+    # the server's own figures, from ai.done's timings: retrieval, and its start → first token
+    retrieval_ms: float | None = None
+    server_ttft_ms: float | None = None
 
     @property
     def tokens(self) -> int:
@@ -184,6 +187,9 @@ async def client_loop(
                     answer.parts.append(delta)
                 elif kind == "ai.done":
                     answer.finish = event.get("finish_reason")
+                    timings = event.get("timings") or {}
+                    answer.retrieval_ms = timings.get("retrieval_ms")
+                    answer.server_ttft_ms = timings.get("ttft_ms")
                     break
                 elif kind == "error":
                     answer.error = str(event.get("code"))
@@ -287,6 +293,8 @@ async def run_level(
         "steady_tokens_per_s": steady_tokens / window if window > 0 else math.nan,
         "ideal_tokens_per_s": n * args.rate,
         "ttft_ms": dist(ttft),
+        "server_retrieval_ms": dist([a.retrieval_ms for a in answers if a.retrieval_ms]),
+        "server_ttft_ms": dist([a.server_ttft_ms for a in answers if a.server_ttft_ms]),
         "gap_ms": dist(gaps),
         "per_client_p99_gap_ms": dist(per_client_p99),
         "errors": errors,
@@ -335,6 +343,12 @@ def print_level(level: dict[str, Any]) -> None:
         f"{fmt(level['ttft_ms']['p99'])} ms; gap p50 {fmt(level['gap_ms']['p50'])} / p99 "
         f"{fmt(level['gap_ms']['p99'])} ms (worst client's p99 "
         f"{fmt(level['per_client_p99_gap_ms']['max'])} ms)"
+    )
+    print(
+        f"    inside the server (ai.done timings): retrieval p50 "
+        f"{fmt(level['server_retrieval_ms']['p50'])} / p99 "
+        f"{fmt(level['server_retrieval_ms']['p99'])} ms; reply start → first token p50 "
+        f"{fmt(level['server_ttft_ms']['p50'])} / p99 {fmt(level['server_ttft_ms']['p99'])} ms"
     )
     print(
         f"    errors {level['errors'] or 'none'}; CPU cores: {cores}; server loop lag p99 ≤ "
