@@ -223,8 +223,6 @@ class Reply:
     question_id: str | None = None
     # retrieval started while the question was still being written (ChatService.prefetch)
     prefetched: asyncio.Task[tuple[list[Hit], float]] | None = None
-    # the question's own write to memory, still on its way: the answer is stored after it
-    after: asyncio.Future[None] | None = None
     _generation: Generation | None = None
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # why it was cancelled, sent in ai.done: "user" (stop), "abandoned" (nobody left to read
@@ -427,8 +425,6 @@ class Reply:
         if no_match:
             answer["no_match"] = True
         messages = (answer,) if self.question_id else (user, answer)
-        if self.after is not None:
-            await asyncio.wait({self.after})  # never raises: it logs its own failure
         try:
             await self.service.memory.append(self.conversation_id, *messages)
             return True
@@ -527,7 +523,6 @@ class ChatService:
         persist: bool = True,
         max_tokens: int | None = None,
         question_id: str | None = None,
-        after: asyncio.Future[None] | None = None,
     ) -> Reply:
         text = (text or "").strip()
         if not text:
@@ -548,5 +543,4 @@ class ChatService:
             max_tokens=max_tokens,
             question_id=question_id,
             prefetched=prefetched,
-            after=after,
         )

@@ -170,12 +170,11 @@ class Rooms:
         self._subs: dict[str, dict[str, Subscription]] = {}  # conn -> {room: subscription}
         self._refresher: asyncio.Task[None] | None = None
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # keep a reference: the loop holds tasks weakly
         task = asyncio.create_task(coro)
         self._reply_tasks.add(task)
         task.add_done_callback(self._task_done)
-        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._reply_tasks.discard(task)
@@ -302,29 +301,22 @@ class Rooms:
                     prefetch.cancel()
                 raise
         try:
-            posted = await self._append_message(member, room, text, msg_id, client_id, ask)
+            msg = await self._append_message(member, room, text, msg_id, client_id, ask)
         except BaseException:
             if prefetch is not None:
                 prefetch.cancel()
             if ask and self.limits is not None:
                 await self.limits.reply_finished(who, msg_id)
             raise
-        if posted is None:
+        if msg is None:
             if prefetch is not None:
                 prefetch.cancel()
             if ask and self.limits is not None:
                 await self.limits.reply_finished(who, msg_id)
             return None
-        msg, remembered = posted
-        if not ask:
-            await remembered
-        else:
+        if ask:
             try:
-                # the answer starts while the question is still being written to memory (it
-                # reads the history without it anyway); it stores itself after the question
-                reply = self.chat.start(
-                    question, room, question_id=msg["id"], prefetched=prefetch, after=remembered
-                )
+                reply = self.chat.start(question, room, question_id=msg["id"], prefetched=prefetch)
             except BaseException:
                 if prefetch is not None:
                     prefetch.cancel()
@@ -337,8 +329,7 @@ class Rooms:
 
     async def _append_message(
         self, member: Member, room: str, text: str, msg_id: str, client_id: str | None, ask: bool
-    ) -> tuple[Event, asyncio.Task[None]] | None:
-        """The message in the room's log; its copy in memory (the history) on its way."""
+    ) -> Event | None:
         if client_id and not await self.log.claim(room, client_id, CLIENT_ID_TTL_S):
             return None
         msg = await self.log.append(
@@ -353,9 +344,6 @@ class Rooms:
             },
         )
         await self.typing(member, room, "stop")
-        return msg, self._spawn(self._remember(room, msg, member, text))
-
-    async def _remember(self, room: str, msg: Event, member: Member, text: str) -> None:
         try:
             await self.memory.append(
                 room,
@@ -369,6 +357,7 @@ class Rooms:
             )
         except MemoryUnavailable as exc:
             log.warning("message %s not kept in history: %s", msg["id"], exc)
+        return msg
 
     async def cancel(self, member: Member, room: str, message_id: str) -> None:
         check_room(room)
