@@ -52,7 +52,7 @@ LIVE_PING_S = 5.0  # the live connection pings Redis this often …
 LIVE_DEAD_S = 15.0  # … and counts it gone after this long without a byte from it
 MAX_FLUSHES = 4  # appends' pipelines in flight at once; more appends wait for the next one
 MAX_BATCH = 2000  # appends in one pipeline
-POOL_SIZE = 64  # connections per client: commands in flight beyond that wait for one
+POOL_SIZE = 256  # connections per client: commands in flight beyond that wait for one
 PIPE_TIMEOUT_S = 5.0  # the longest wait for an append's reply before the connection counts as lost
 POOL_WAIT_S = 15.0  # the longest wait for a connection (overload) before Redis counts as down
 
