@@ -19,13 +19,11 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import logging
 import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 import hiredis
@@ -41,8 +39,6 @@ try:  # installed with chromadb; the stdlib gives the same values, several times
     import orjson
 except ImportError:  # pragma: no cover
     orjson = None  # type: ignore[assignment]
-
-log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
@@ -138,87 +134,40 @@ def _decode(raw: str | bytes) -> Event:
     return decoded
 
 
-# a batch's replies (in order), or the error that lost them
-Replies = list[Any] | OSError
-
-
-@dataclass
-class _Sent:
-    count: int
-    done: Callable[[Replies], None]
-    at: float  # loop time it was written
-    replies: list[Any] = field(default_factory=list)
-
-
 class _Pipe:
-    """One plain connection that pipelines commands: ``send`` writes a batch at once and the
-    task that reads the connection hands the batch's replies, in order (hiredis parses them),
-    straight to its callback: no future, task or timeout per batch between a reply and its
-    caller (each of those was one more turn of a busy event loop before an answer's token
-    moved on). What redis-py's pipeline costs per command was a sixth of the event loop with
-    500 answers streaming. A batch without its replies for ``PIPE_TIMEOUT_S``, or a lost
-    connection, fails every batch in flight; the next one connects again."""
+    """One plain connection that pipelines commands: each ``execute`` writes its commands at
+    once and gets their replies in order (hiredis parses them), several batches in flight.
+    What redis-py's pipeline costs per command (packing, response callbacks, retries) was a
+    sixth of the event loop with 500 answers streaming. A lost connection fails what is in
+    flight; the next batch connects again."""
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._writer: asyncio.StreamWriter | None = None
-        self._sent: deque[_Sent] = deque()
+        self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
         self._connecting: asyncio.Task[None] | None = None
         self._reading: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
-
-    async def connect(self) -> None:
-        if self.ready:
-            return
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
-        try:
-            await asyncio.shield(self._connecting)
-        finally:
-            if self._connecting is not None and self._connecting.done():
-                self._connecting = None
-
-    def send(self, commands: list[bytes], done: Callable[[Replies], None]) -> None:
-        """Write ``commands`` now (the connection is ``ready``); ``done`` is called with their
-        replies, or with the OSError that lost them."""
-        writer = self._writer
-        assert writer is not None
-        loop = asyncio.get_running_loop()
-        self._sent.append(_Sent(len(commands), done, loop.time()))
-        writer.write(b"".join(commands))
-        if self._timer is None:
-            self._timer = loop.call_at(loop.time() + PIPE_TIMEOUT_S, self._check)
 
     async def execute(self, commands: list[bytes]) -> list[Any]:
-        await self.connect()
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            if self._connecting is None:
+                self._connecting = asyncio.ensure_future(self._connect())
+            try:
+                await asyncio.shield(self._connecting)
+            finally:
+                if self._connecting is not None and self._connecting.done():
+                    self._connecting = None
+            writer = self._writer
+            assert writer is not None
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-
-        def done(replies: Replies) -> None:
-            if future.done():
-                return
-            if isinstance(replies, OSError):
-                future.set_exception(replies)
-            else:
-                future.set_result(replies)
-
-        self.send(commands, done)
-        return await future
-
-    def _check(self) -> None:
-        """One timer for the whole pipe: re-armed for the oldest batch still waiting."""
-        self._timer = None
-        if not self._sent:
-            return
-        loop = asyncio.get_running_loop()
-        oldest = self._sent[0].at
-        if loop.time() - oldest >= PIPE_TIMEOUT_S:
+        self._waiting.append((len(commands), [], future))
+        writer.write(b"".join(commands))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), PIPE_TIMEOUT_S)
+        except TimeoutError:
             self._fail(OSError(f"no reply from Redis in {PIPE_TIMEOUT_S:g} s"))
-        else:
-            self._timer = loop.call_at(oldest + PIPE_TIMEOUT_S, self._check)
+            raise OSError(f"no reply from Redis in {PIPE_TIMEOUT_S:g} s") from None
 
     async def _connect(self) -> None:
         reader, writer = await _open_redis(self._url, select_db=True)
@@ -227,7 +176,7 @@ class _Pipe:
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = hiredis.Reader(encoding="utf-8", errors="replace")
-        sent = self._sent
+        waiting = self._waiting
         try:
             while True:
                 data = await reader.read(1 << 16)
@@ -235,11 +184,12 @@ class _Pipe:
                     raise OSError("Redis closed the connection")
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
-                    batch = sent[0]
-                    batch.replies.append(reply)
-                    if len(batch.replies) == batch.count:
-                        sent.popleft()
-                        _call(batch.done, batch.replies)
+                    count, replies, future = waiting[0]
+                    replies.append(reply)
+                    if len(replies) == count:
+                        waiting.popleft()
+                        if not future.done():
+                            future.set_result(replies)
         except (OSError, IndexError) as exc:
             if self._writer is writer:
                 self._fail(exc if isinstance(exc, OSError) else OSError("unexpected reply"))
@@ -252,12 +202,10 @@ class _Pipe:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.transport.abort()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        sent, self._sent = self._sent, deque()
-        for batch in sent:
-            _call(batch.done, exc)
+        waiting, self._waiting = self._waiting, deque()
+        for _, _, future in waiting:
+            if not future.done():
+                future.set_exception(exc)
 
     async def aclose(self) -> None:
         self._fail(OSError("connection closed"))
@@ -267,32 +215,19 @@ class _Pipe:
                 await self._reading
 
 
-def _call(done: Callable[[Replies], None], replies: Replies) -> None:
-    try:
-        done(replies)
-    except Exception:  # a caller's bug must not stop the reader (or the other callers)
-        log.exception("a Redis reply's callback failed")
-
-
-_Call = tuple[list[str], list[Any], "asyncio.Future[Any]"]
-
-
 class _Batcher:
     """Runs one Lua script for many callers: the calls made while the event loop goes round
     once go to Redis as one pipeline (one write, one read), with up to ``MAX_FLUSHES``
     pipelines in flight. Per call that saves a connection checkout, a round trip of its own
-    and two system calls: with hundreds of answers streaming, most of what an append cost.
-    The flush writes from the loop's callback and the replies resolve the callers' futures
-    from the reading task: a call waits three turns of the loop, not seven."""
+    and two system calls: with hundreds of answers streaming, most of what an append cost."""
 
     def __init__(self, url: str, script: str) -> None:
         self._pipe = _Pipe(url)
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
-        self._queue: list[_Call] = []
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._scheduled = False
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()  # connecting, reloading the script
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def run(self, keys: list[str], args: list[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -302,93 +237,65 @@ class _Batcher:
         return await future
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._scheduled and self._queue and self._in_flight < MAX_FLUSHES:
+        if not self._scheduled and self._queue and len(self._flushes) < MAX_FLUSHES:
             self._scheduled = True
             loop.call_soon(self._flush)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _flush(self) -> None:
         self._scheduled = False
-        if not self._pipe.ready:
-            if not self._tasks:  # connect first (or reload the script): then flush again
-                self._in_flight += 1
-                self._spawn(self._connect())
-            return
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         batch = [call for call in batch if not call[2].done()]  # cancelled callers
         if not batch:
             return
-        self._in_flight += 1
-        self._pipe.send(self._commands(batch), lambda replies: self._replied(batch, replies))
-        self._schedule(asyncio.get_running_loop())  # more than one batch's worth waiting
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushed)
 
-    async def _connect(self) -> None:
-        try:
-            await self._pipe.connect()
-        except (OSError, MemoryUnavailable) as exc:
-            queued, self._queue = self._queue, []
-            _resolve(queued, [exc] * len(queued))
-        finally:
-            self._in_flight -= 1
-            self._schedule(asyncio.get_running_loop())
-
-    def _commands(self, batch: list[_Call]) -> list[bytes]:
-        sha = self._sha
-        return [_command("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
-
-    def _replied(self, batch: list[_Call], replies: Replies) -> None:
-        if isinstance(replies, OSError):
-            _resolve(batch, [replies] * len(batch))
-        elif any(_no_script(r) for r in replies):
-            # the first call, or Redis lost its scripts: load it and run those again, off
-            # this callback (it stays counted in flight until then)
-            self._spawn(self._reload(batch, replies))
-            return
-        else:
-            _resolve(batch, replies)
-        self._in_flight -= 1
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
         self._schedule(asyncio.get_running_loop())
 
-    async def _reload(self, batch: list[_Call], replies: list[Any]) -> None:
-        again = [i for i, r in enumerate(replies) if _no_script(r)]
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        results: list[Any]
         try:
-            (loaded,) = await self._pipe.execute([_command("SCRIPT", "LOAD", self._script)])
-            if isinstance(loaded, hiredis.ReplyError):
-                raise OSError(f"SCRIPT LOAD refused: {loaded}")
-            redone = await self._pipe.execute(self._commands([batch[i] for i in again]))
-            for i, result in zip(again, redone, strict=True):
-                replies[i] = result
+            results = await self._pipeline(batch)
+            again = [i for i, r in enumerate(results) if _no_script(r)]
+            if again:  # the first call, or Redis lost its scripts: load it, run those again
+                (loaded,) = await self._pipe.execute([_command("SCRIPT", "LOAD", self._script)])
+                if isinstance(loaded, hiredis.ReplyError):
+                    raise OSError(f"SCRIPT LOAD refused: {loaded}")
+                redone = await self._pipeline([batch[i] for i in again])
+                for i, result in zip(again, redone, strict=True):
+                    results[i] = result
         except OSError as exc:
-            replies = [exc] * len(batch)
-        finally:
-            self._in_flight -= 1
-            self._schedule(asyncio.get_running_loop())
-        _resolve(batch, replies)
+            results = [exc] * len(batch)
+        except BaseException as exc:  # cancelled (shutdown): the callers must not hang
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(MemoryUnavailable(f"room event not written ({exc!r})"))
+            raise
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, hiredis.ReplyError):
+                future.set_exception(MemoryUnavailable(f"Redis refused a room event ({result})"))
+            elif isinstance(result, BaseException):
+                future.set_exception(
+                    MemoryUnavailable(f"Redis is not reachable for room events ({result})")
+                )
+            else:
+                future.set_result(result)
+
+    async def _pipeline(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        sha = self._sha
+        return await self._pipe.execute(
+            [_command("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
+        )
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        queued, self._queue = self._queue, []
-        _resolve(queued, [OSError("connection closed")] * len(queued))
         await self._pipe.aclose()
-
-
-def _resolve(batch: list[_Call], results: Sequence[Any]) -> None:
-    for (_, _, future), result in zip(batch, results, strict=True):
-        if future.done():
-            continue
-        if isinstance(result, hiredis.ReplyError):
-            future.set_exception(MemoryUnavailable(f"Redis refused a room event ({result})"))
-        elif isinstance(result, BaseException):
-            future.set_exception(
-                MemoryUnavailable(f"Redis is not reachable for room events ({result})")
-            )
-        else:
-            future.set_result(result)
 
 
 def _no_script(reply: Any) -> bool:
