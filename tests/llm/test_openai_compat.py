@@ -314,6 +314,8 @@ async def test_usage_is_read_when_sent_and_stream_options_dropped_when_rejected(
             assert (text, reason) == ("Hi!", "stop")
             assert usage.completion_tokens == 2
         assert llm.model_name == "stub-model"
+        # the messages reach the server as given (they travel in extra_body)
+        assert all(r["messages"] == STORY for r in requests)
         if len(requests) == 2:  # the server took stream_options and reported usage
             assert usage.prompt_tokens == 11
             assert all("stream_options" in r for r in requests)
