@@ -40,7 +40,8 @@ from rag_chat.settings import Settings  # noqa: E402
 
 QUESTION = "How do I ingest PDF files, and what happens to files that fail?"
 TEMPERATURE = 0.2  # what the server's backends use by default
-Rows = list[tuple[float, float, int]]  # (ttft ms, tokens/s, tokens) per run
+Row = tuple[float, float, int, list[float]]  # ttft ms, tokens/s, tokens, token times
+Rows = list[Row]
 
 
 def free_port() -> int:
@@ -55,25 +56,37 @@ def through_server(url: str, runs: int) -> Rows:
         with connect(url.replace("http", "ws") + "/ws", open_timeout=10) as ws:
             t0 = time.perf_counter()
             ws.send(json.dumps({"type": "message", "text": QUESTION, "conversation_id": f"b{i}"}))
-            first = last = None
-            n = 0
+            times: list[float] = []
             while True:
                 event = json.loads(ws.recv(timeout=300))
                 if event["type"] == "ai.token":
-                    last = time.perf_counter()
-                    first = first or last
-                    n += 1
+                    times.append(time.perf_counter())
                 elif event["type"] in ("ai.done", "error"):
                     assert event["type"] == "ai.done", event
+                    # one frame per token (a slow model's tokens are never merged): the
+                    # prefix comparison below needs each token's arrival
+                    assert event["usage"]["completion_tokens"] == len(times), event["usage"]
                     break
-        assert first is not None and last is not None
-        out.append(((first - t0) * 1000, (n - 1) / (last - first) if n > 1 else 0.0, n))
+        out.append(row(t0, times))
     return out
 
 
-def raw(
-    messages: list[dict[str, str]], llm: LlamaCppLLM, runs: int
-) -> list[tuple[float, float, int]]:
+def row(t0: float, times: list[float]) -> Row:
+    """(TTFT ms, tokens/s over the whole answer, tokens, each token's time since the first)."""
+    assert times
+    n, first = len(times), times[0]
+    rate = (n - 1) / (times[-1] - first) if n > 1 else 0.0
+    return (first - t0) * 1000, rate, n, [t - first for t in times]
+
+
+def prefix_rate(rows: Rows, k: int) -> float:
+    """Median tokens/s over each answer's first ``k`` tokens: answers of different lengths
+    (sampling; the prompt's random source boundary) decode at different speeds, since every
+    token attends to all before it."""
+    return statistics.median((k - 1) / r[3][k - 1] for r in rows)
+
+
+def raw(messages: list[dict[str, str]], llm: LlamaCppLLM, runs: int) -> Rows:
     llama = llm._load_sync()
     out = []
     for _ in range(runs):
@@ -81,8 +94,7 @@ def raw(
         # after the first skips the prompt (the server's prompts differ run to run)
         llama.reset()
         t0 = time.perf_counter()
-        first = last = None
-        n = 0
+        times: list[float] = []
         for chunk in llama.create_chat_completion(
             messages,  # type: ignore[arg-type]
             stream=True,
@@ -90,11 +102,8 @@ def raw(
             temperature=TEMPERATURE,
         ):
             if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index]
-                last = time.perf_counter()
-                first = first or last
-                n += 1
-        assert first is not None and last is not None
-        out.append(((first - t0) * 1000, (n - 1) / (last - first) if n > 1 else 0.0, n))
+                times.append(time.perf_counter())
+        out.append(row(t0, times))
     return out
 
 
@@ -140,16 +149,22 @@ def main() -> int:
         direct = raw(prompt.messages, llm, args.runs)
 
     def med(rows: Rows, i: int) -> float:
-        return statistics.median(r[i] for r in rows)
+        return statistics.median(float(r[i]) for r in rows)  # type: ignore[arg-type]
 
     print(f"question: {QUESTION!r}; prompt {prompt.tokens} tokens, {prompt.sources_used} sources")
     print(f"{'':22}{'TTFT ms (median)':>18}{'tokens/s (median)':>19}{'tokens':>8}")
     for name, rows in (("through rag_chat (WS)", served), ("raw llama-cpp-python", direct)):
         print(f"{name:22}{med(rows, 0):18.0f}{med(rows, 1):19.1f}{med(rows, 2):8.0f}")
+    k = min(r[2] for r in (*served, *direct))
+    through, alone = prefix_rate(served, k), prefix_rate(direct, k)
     print(
         f"server/raw: TTFT {med(served, 0) / med(direct, 0):.2f}x "
         f"(+{med(served, 0) - med(direct, 0):.0f} ms: retrieval, prompt building, transport), "
-        f"tokens/s {med(served, 1) / med(direct, 1):.2f}"
+        f"tokens/s over whole answers {med(served, 1) / med(direct, 1):.2f}"
+    )
+    print(
+        f"tokens/s over the first {k} tokens of every answer (the same positions): "
+        f"{through:.1f} through rag_chat vs {alone:.1f} raw: {through / alone:.2f}"
     )
     return 0
 
