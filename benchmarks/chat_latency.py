@@ -8,7 +8,9 @@
 2. Stops the server, rebuilds exactly the prompt the server sent (same retrieval, same
    prompt builder) and streams it RUNS times straight from llama-cpp-python (same GGUF, same
    context size, threads, max_tokens and temperature).
-Prints medians and the ratios server/raw.
+Prints medians and the ratios server/raw: tokens/s over whole answers, and over the first K
+tokens of every answer (K the shortest answer), since answers of different lengths decode at
+different speeds and sampling makes the two sides' lengths differ.
 """
 
 from __future__ import annotations
