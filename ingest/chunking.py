@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -51,6 +52,10 @@ class HFTokenizer:
     def offsets(self, text: str) -> list[tuple[int, int]]:
         return list(self._tok.encode(text, add_special_tokens=False).offsets)
 
+    def ids(self, text: str) -> list[int]:
+        """The token ids the embedding model runs on: special tokens added, nothing cut."""
+        return list(self._tok.encode(text).ids)
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -64,6 +69,9 @@ class Chunk:
     position: int
     content_hash: str
     tokens: int  # tokens of embed_text, special tokens included
+    # embed_text's token ids, special tokens included, when the tokenizer gives them: the
+    # ingest embeds these instead of tokenizing the text a second time
+    token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def metadata(self, source: str, kind: str) -> dict[str, str | int]:
         meta: dict[str, str | int] = {
@@ -104,14 +112,26 @@ class Chunker:
         key_hash = hashlib.sha1(doc_key.encode()).hexdigest()[:12]
         chunks: list[Chunk] = []
         seen: dict[str, int] = {}
+        ids_of = getattr(self.tok, "ids", None)
         for section in doc.sections:
             prefix = self._prefix(doc.title, section)
             budget = self.max_tokens - self.special - (self.tok.count(prefix) if prefix else 0)
             if budget < 32:
                 # an absurdly long title or heading path: drop it rather than starve the body
                 prefix, budget = "", self.max_tokens - self.special
-            for body in self._split(section.text, budget):
+            bodies = self._split(section.text, budget)
+            while bodies:
+                body = bodies.pop(0)
                 embed_text = f"{prefix}\n{body}" if prefix else body
+                # the one tokenisation of the final text: its size, and the ids to embed
+                ids: tuple[int, ...] = tuple(ids_of(embed_text)) if ids_of else ()
+                tokens = len(ids) if ids_of else self.tok.count(embed_text) + self.special
+                if tokens > self.max_tokens:
+                    # joining its parts tokenised differently: cut it, never truncate
+                    pieces = self._hard_split(body, budget)
+                    if pieces != [body]:
+                        bodies[:0] = pieces
+                        continue
                 content_hash = hashlib.sha256(embed_text.encode()).hexdigest()
                 n = seen.get(content_hash, 0)
                 seen[content_hash] = n + 1
@@ -127,7 +147,8 @@ class Chunker:
                         section.page,
                         len(chunks),
                         content_hash,
-                        self.tok.count(embed_text) + self.special,
+                        tokens,
+                        ids,
                     )
                 )
         return chunks
@@ -141,18 +162,23 @@ class Chunker:
         return "\n".join(parts)
 
     def _split(self, text: str, budget: int) -> list[str]:
+        """Pieces of at most ``budget`` tokens. Each paragraph is tokenised once: a long one's
+        sentences are counted from its token offsets (a token belongs to the sentence it starts
+        in), not tokenised again."""
         units: list[tuple[str, int, str]] = []  # (text, tokens, joiner before it)
         for para in _PARAGRAPH.split(text):
             para = para.strip()
             if not para:
                 continue
-            n = self.tok.count(para)
-            if n <= budget:
-                units.append((para, n, "\n\n"))
+            offs = self.tok.offsets(para)
+            if len(offs) <= budget:
+                units.append((para, len(offs), "\n\n"))
                 continue
+            starts = [a for a, _ in offs]
             joiner = "\n\n"
-            for sent in _SENTENCE.split(para):
-                m = self.tok.count(sent)
+            for a, b in _sentence_spans(para):
+                sent = para[a:b]
+                m = bisect_left(starts, b) - bisect_left(starts, a)
                 if m <= budget:
                     units.append((sent, m, joiner))
                 else:
@@ -181,14 +207,9 @@ class Chunker:
             size += unit[1]
         if cur:
             out.append(_join(cur))
-        # Joining can differ from the sum of parts for some tokenizers: check, never truncate.
-        checked: list[str] = []
-        for piece in out:
-            if self.tok.count(piece) <= budget:
-                checked.append(piece)
-            else:
-                checked.extend(self._hard_split(piece, budget))
-        return checked
+        # joining can differ from the sum of the parts for some tokenizers: chunk() checks
+        # each final text and cuts what does not fit
+        return out
 
     def _hard_split(self, text: str, budget: int) -> list[str]:
         """Windows of at most ``budget`` tokens, overlapping, cut at token offsets."""
@@ -212,6 +233,17 @@ class Chunker:
             start = max(start + 1, end - self.overlap) if end - start > self.overlap else end
             start = min(start, start + step)
         return pieces
+
+
+def _sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each piece ``_SENTENCE.split(text)`` gives."""
+    spans = []
+    start = 0
+    for m in _SENTENCE.finditer(text):
+        spans.append((start, m.start()))
+        start = m.end()
+    spans.append((start, len(text)))
+    return spans
 
 
 def _join(units: list[tuple[str, int, str]]) -> str:

@@ -63,6 +63,7 @@ class Report:
     tokens_embedded: int = 0
     embed_seconds: float = 0.0
     write_seconds: float = 0.0  # the writer thread: vector store, manifest, keyword terms
+    prepare_seconds: float = 0.0  # the writer thread opening the store, beside the embedding
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
     planned: list[tuple[str, str]] = field(default_factory=list)  # (action, path) for --dry-run
@@ -368,6 +369,9 @@ class Pipeline:
                     manifest.set_meta("dirty", "1")
                     manifest.set_meta("params", self.params)
                     changed = True
+                    # something will be written: the writer opens the store (importing
+                    # Chroma: ~1.5 s) while this thread parses, chunks and embeds
+                    writer.prepare()
                 self._process_file(path, key, shown, st, digest, manifest, batches, report)
                 bar.update(1)
             if prune:
@@ -467,10 +471,15 @@ class Pipeline:
         return h.hexdigest()
 
     def _embed(self, batch: _Batch, report: Report) -> _Batch:
-        texts = [c.embed_text for _, c in batch.new_chunks()]
+        new = batch.new_chunks()
+        texts = [c.embed_text for _, c in new]
         if texts:
             t0 = time.perf_counter()
-            batch.vectors = self.embedder.encode(texts)
+            tokenized = getattr(self.embedder, "encode_tokenized", None)
+            if tokenized and all(c.token_ids for _, c in new):  # the chunker's tokens, reused
+                batch.vectors = tokenized(texts, [c.token_ids for _, c in new])
+            else:
+                batch.vectors = self.embedder.encode(texts)
             report.embed_seconds += time.perf_counter() - t0
             report.tokens_embedded += sum(c.tokens for _, c in batch.new_chunks())
         return batch
@@ -561,6 +570,9 @@ class _Batcher:
         self.pending = 0
 
 
+_PREPARE = "prepare"
+
+
 class _Writer:
     """The single writer: keeps the store and the manifest in the crash-safe order."""
 
@@ -568,7 +580,7 @@ class _Writer:
         self.p = pipeline
         self.manifest = manifest
         self.report = report
-        self.q: queue.Queue[_Batch | None] = queue.Queue(maxsize=2)
+        self.q: queue.Queue[_Batch | str | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="ingest-writer", daemon=True)
         self.thread.start()
@@ -577,6 +589,11 @@ class _Writer:
         if self.error is not None:
             raise self.error
         self.q.put(batch)
+
+    def prepare(self) -> None:
+        """Open the vector store and load the keyword terms' stemmer now, in this thread,
+        so that the first batch's write does not wait for them."""
+        self.q.put(_PREPARE)
 
     def close(self) -> None:
         self.q.put(None)
@@ -590,6 +607,11 @@ class _Writer:
                 continue
             t0 = time.perf_counter()
             try:
+                if isinstance(batch, str):
+                    self.p.store  # noqa: B018 - opens it
+                    terms("warm up")
+                    self.report.prepare_seconds += time.perf_counter() - t0
+                    continue
                 self._write(batch, terms)
             except BaseException as exc:  # surfaced to the main thread
                 self.error = exc

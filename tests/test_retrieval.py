@@ -45,6 +45,19 @@ def test_onnx_backends_compute_the_same_model(backends: dict[str, Embedder]) -> 
     assert float(alone @ fp32[0]) > 0.99999
 
 
+def test_encoding_token_ids_gives_the_same_vectors(backends: dict[str, Embedder]) -> None:
+    """The ingest hands the chunker's token ids to the encoder instead of the texts."""
+    from ingest.chunking import HFTokenizer
+
+    tok = HFTokenizer(backends["onnx-int8"].tokenizer_path)
+    texts = [*TEXTS, "a very long text " * 200]  # past the 256-token window: cut the same way
+    ids = [tok.ids(t) for t in texts]
+    assert len(ids[-1]) > 256
+    for name in ("onnx", "onnx-int8", "torch"):
+        emb = backends[name]
+        assert np.array_equal(emb.encode_tokenized(texts, ids), emb.encode(texts)), name
+
+
 def test_the_export_is_cached_and_reused(tmp_path: Path, backends: dict[str, Embedder]) -> None:
     backends["onnx-int8"].load()
     files = sorted(p.name for p in backends["onnx"].cache_dir.iterdir())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -155,3 +156,12 @@ class Embedder:
             show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
+
+    def encode_tokenized(
+        self, texts: list[str], token_ids: Sequence[Sequence[int]]
+    ) -> npt.NDArray[np.float32]:
+        """``encode(texts)``, given the texts' token ids from this model's tokenizer (special
+        tokens included): the ONNX backends skip tokenising again; torch tokenises itself."""
+        if self.backend == "torch" or not texts or len(token_ids) != len(texts):
+            return self.encode(texts)
+        return self.onnx.encode_ids(token_ids, self.batch_size)  # type: ignore[no-any-return]

@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,24 +180,35 @@ class OnnxEncoder:
         return cls(session, tok, max_tokens)
 
     def encode(self, texts: list[str], batch_size: int) -> npt.NDArray[np.float32]:
+        return self.encode_ids([e.ids for e in self.tokenizer.encode_batch(texts)], batch_size)
+
+    def encode_ids(
+        self, token_ids: Sequence[Sequence[int]], batch_size: int
+    ) -> npt.NDArray[np.float32]:
+        """Vectors for texts already tokenised (special tokens included; cut to the window
+        here as the tokenizer would)."""
         import numpy as np
 
-        encs = self.tokenizer.encode_batch(texts)
+        seqs = [list(ids[: self.max_tokens]) for ids in token_ids]
+        if any(len(ids) > self.max_tokens for ids in token_ids):
+            # truncation as the tokenizer does it: the closing special token stays last
+            seqs = [
+                s if len(ids) <= self.max_tokens else [*s[:-1], ids[-1]]
+                for s, ids in zip(seqs, token_ids, strict=True)
+            ]
         # longest first, so each batch pads to a similar length (as sentence-transformers does)
-        order = sorted(range(len(encs)), key=lambda i: -len(encs[i].ids))
-        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = np.zeros((len(seqs), self.dimension), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(encs[i].ids) for i in idx)
+            width = max(len(seqs[i]) for i in idx)
             ids = np.zeros((len(idx), width), dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
-            types = np.zeros((len(idx), width), dtype=np.int64)
             for row, i in enumerate(idx):
-                e = encs[i]
-                n = len(e.ids)
-                ids[row, :n] = e.ids
+                n = len(seqs[i])
+                ids[row, :n] = seqs[i]
                 mask[row, :n] = 1
-                types[row, :n] = e.type_ids
+            types = np.zeros_like(ids)
             (vecs,) = self.session.run(
                 None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
             )

@@ -50,6 +50,47 @@ def test_no_chunk_exceeds_the_model_window(tok: HFTokenizer) -> None:
         assert f"Sentence number {i} talks" in body
 
 
+def test_chunks_carry_the_model_tokenizers_ids(tok: HFTokenizer) -> None:
+    from tokenizers import Tokenizer
+
+    model_tok = Tokenizer.from_file(str(Embedder().tokenizer_path))
+    model_tok.no_truncation()
+    model_tok.no_padding()
+    sentences = " ".join(f"Claim {i}: aspirin lowers the risk of stroke." for i in range(120))
+    chunks = Chunker(tok, 256, 32).chunk(doc(Section(sentences, ("Guide", "Trials"))), "k")
+    assert len(chunks) > 3
+    for c in chunks:
+        assert list(c.token_ids) == model_tok.encode(c.embed_text).ids  # [CLS] … [SEP]
+        assert c.tokens == len(c.token_ids) <= 256
+
+
+def test_a_long_paragraph_is_tokenised_once(tok: HFTokenizer) -> None:
+    """Its sentences are counted from the paragraph's token offsets; each final text is
+    tokenised once more (its ids): not every sentence and every packed piece again."""
+    calls: list[str] = []
+
+    class Counting:
+        special_tokens = 2
+
+        def count(self, text: str) -> int:
+            calls.append(text)
+            return tok.count(text)
+
+        def offsets(self, text: str) -> list[tuple[int, int]]:
+            calls.append(text)
+            return tok.offsets(text)
+
+        def ids(self, text: str) -> list[int]:
+            calls.append(text)
+            return tok.ids(text)
+
+    para = " ".join(f"Sentence {i} is about chunking by model tokens." for i in range(100))
+    counted = Chunker(Counting(), 128, 16).chunk(doc(Section(para), title=""), "k")
+    plain = Chunker(tok, 128, 16).chunk(doc(Section(para), title=""), "k")
+    assert [c.id for c in counted] == [c.id for c in plain] and len(plain) > 5
+    assert len(calls) == 1 + len(plain)  # the paragraph's offsets, then each chunk's ids
+
+
 def test_overlap_between_consecutive_pieces(tok: HFTokenizer) -> None:
     text = " ".join(f"Fact {i} is here." for i in range(200))
     chunks = Chunker(tok, 64, 16).chunk(doc(Section(text)), "k")

@@ -38,6 +38,11 @@ class CountingEmbedder(Embedder):
         self.texts.extend(texts)
         return super().encode(texts, batch_size)
 
+    def encode_tokenized(self, texts: list[str], token_ids: Any) -> Any:
+        # what the pipeline calls: the chunker's token ids, not tokenised again
+        self.texts.extend(texts)
+        return self.onnx.encode_ids(token_ids, self.batch_size)
+
 
 @pytest.fixture(scope="module")
 def counting() -> CountingEmbedder:
@@ -77,6 +82,13 @@ def test_ingest_then_rerun_embeds_nothing(
     assert (r1.files_added, r1.files_ignored) == (3, 1)
     assert r1.chunks_added == len(counting.texts) > 0
     assert store_ids(p) == manifest_ids(settings)
+    # the vectors stored are the model's vectors of each chunk's text, tokenised from scratch
+    stored = p.store.fetch(sorted(store_ids(p)))
+    again = Embedder().encode(counting.texts)
+    by_text = dict(zip(counting.texts, again, strict=True))
+    for text, _, vec in stored.values():
+        match = [v for t, v in by_text.items() if t.endswith(text)]
+        assert match and max(float(vec @ v) for v in match) > 0.99999
 
     counting.texts.clear()
     r2 = pipeline(settings, counting).run([docs_dir])
