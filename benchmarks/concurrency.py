@@ -10,11 +10,12 @@ and ``python -m rag_chat`` (``RAG_LLM_BASE_URL`` at it; Redis DB 14, its own key
 afterwards; the per-user caps raised) run as processes of their own. This process is the load
 generator: one asyncio loop, C ``websockets`` clients, each in a private conversation of its
 own. All C connect first; then each starts at a random moment within ``--ramp`` seconds (one
-answer's length by default) and asks ``[[tokens=200 rate=20]]`` (a 200-token answer at 20
-tokens/s), again and again in the same conversation, until ``--duration`` seconds after the
-ramp; the answers in flight then finish. Clients are spread over source addresses 127.0.0.1,
-127.0.0.2, … (at most 500 per address: in open mode the per-user caps count per address, and
-RAG_MAX_REPLIES_PER_USER cannot exceed 1,000).
+answer's length by default) and asks its question (client i: SciFact claim i, cycled;
+``--same-question``: the first claim for all) tagged ``[[tokens=200 rate=20]]`` (a 200-token
+answer at 20 tokens/s), again and again in the same conversation, until ``--duration``
+seconds after the ramp; the answers in flight then finish. Clients are spread over source
+addresses 127.0.0.1, 127.0.0.2, … (at most 500 per address: in open mode the per-user caps
+count per address, and RAG_MAX_REPLIES_PER_USER cannot exceed 1,000).
 
 Per level: aggregate tokens/s delivered in the steady window (after the ramp) next to the ideal
 C × rate; p50/p99 time to first token (send → first ``ai.token`` frame) and inter-token gap
@@ -205,7 +206,7 @@ async def client_loop(
 
 
 async def run_level(
-    args: argparse.Namespace, server: Any, token: Any, n: int, question: str
+    args: argparse.Namespace, server: Any, token: Any, n: int, questions: list[str]
 ) -> dict[str, Any]:
     want = token_text(args.tokens)
     reply_s = args.tokens / args.rate
@@ -229,14 +230,14 @@ async def run_level(
     answers: list[Answer] = []
     t0 = time.perf_counter()
     steady_from, stop_asking = t0 + args.ramp, t0 + args.ramp + args.duration
-    text = f"{question} [[tokens={args.tokens} rate={args.rate:g}]]"
+    tag = f" [[tokens={args.tokens} rate={args.rate:g}]]"
     read_timeout = max(60.0, reply_s * 6)
     tasks = [
         asyncio.create_task(
             client_loop(
                 i,
                 ws,
-                text,
+                questions[i % len(questions)] + tag,
                 t0 + random.uniform(0, args.ramp),
                 stop_asking,
                 want,
@@ -359,11 +360,13 @@ def print_level(level: dict[str, Any]) -> None:
 
 
 async def load_test(args: argparse.Namespace, server: Any, token: Any) -> list[dict[str, Any]]:
-    question = queries(1)[0]
+    # each client its own question (SciFact's claims, cycled), as real users ask different
+    # things; --same-question: every client the first one (what stops before 16 measured)
+    questions = queries(1) if args.same_question else queries()
     levels = []
     for n in args.levels:
         print(f"level {n} clients …", flush=True)
-        level = await run_level(args, server, token, n, question)
+        level = await run_level(args, server, token, n, questions)
         print_level(level)
         levels.append(level)
         # let the server settle: nothing in flight before the next level
@@ -380,7 +383,8 @@ def report_sweep(args: argparse.Namespace, index_line: str, levels: list[dict[st
     print(
         f"each client: {args.tokens}-token answers at {args.rate:g} tokens/s "
         f"({args.tokens / args.rate:g} s), ramp {args.ramp:g} s, then {args.duration:g} s "
-        f"of asking; WebSocket compression: {'deflate' if args.deflate else 'none'}"
+        f"of asking; WebSocket compression: {'deflate' if args.deflate else 'none'}; "
+        f"questions: {'the same for every client' if args.same_question else 'one per client'}"
     )
     print(
         f"{'clients':>8}{'tok/s':>9}{'ideal':>9}{'TTFT p50':>10}{'p99':>9}{'gap p50':>9}"
@@ -525,6 +529,11 @@ def main() -> int:
     parser.add_argument("--idle", type=int, help="instead: memory per idle connection, N of them")
     parser.add_argument("--settle", type=float, default=3.0, help="idle: seconds before RSS")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--same-question",
+        action="store_true",
+        help="every client asks the same question (default: each its own SciFact claim)",
+    )
     args = parser.parse_args()
     if args.rate <= 0 or args.tokens < 1:
         parser.error("--rate and --tokens must be positive")
