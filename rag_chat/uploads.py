@@ -8,8 +8,9 @@ by the same pipeline as ``python -m ingest``, one job per upload, with progress 
     other instances) ──► Pipeline.run([file]) in a worker thread, file by file ──► the job's
     state after each file (Redis, so any instance can answer GET /api/documents/jobs/{id})
 
-The retriever sees the new chunks at once: Chroma is shared, and the keyword index is reloaded
-when the pipeline swaps in the rebuilt one.
+The retriever sees the new chunks when the run ends: the keyword index is reloaded when the
+pipeline swaps in the rebuilt one, and an embedded Chroma is reopened with it (what another
+instance or ``python -m ingest`` wrote reaches dense search the same way).
 """
 
 from __future__ import annotations

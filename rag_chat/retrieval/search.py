@@ -69,33 +69,52 @@ class Retriever:
         self.settings = settings
         self.collection = collection or settings.collection
         self.embedder = embedder or Embedder.from_settings(settings)
-        self.store = VectorStore(
-            make_client(settings.data_dir, settings.chroma_url), self.collection, self.embedder.name
-        )
+        self.store = self._open_store()
         self.fusion = fusion or Fusion.from_settings(settings)
         self._bm25_dir = settings.collection_dir(self.collection) / "bm25"
         self._bm25: KeywordIndex | None = None
         self._bm25_stamp: float | None = None
         self._lock = threading.Lock()
 
-    # --- keyword index, reloaded after an ingest swapped it ---
+    def _open_store(self, fresh: bool = False) -> VectorStore:
+        """The collection; ``fresh``: read from disk again, not from this process's cache."""
+        if fresh and not self.settings.chroma_url:
+            from chromadb.api.shared_system_client import SharedSystemClient
+
+            # an embedded Chroma keeps one system per path per process, whose vector index
+            # lives in memory: a new one reads what other processes wrote since. Clients
+            # opened before keep working on the old one (an upload's pipeline, a search in
+            # flight) and their writes reach this reader at the next reopen.
+            SharedSystemClient.clear_system_cache()
+        client = make_client(self.settings.data_dir, self.settings.chroma_url)
+        return VectorStore(client, self.collection, self.embedder.name)
+
+    # --- keyword index, reloaded after an ingest swapped it; the vectors reopened with it ---
     def keyword_index(self) -> KeywordIndex:
+        """The BM25 index. Every ingest run that changed anything rebuilds it last, after its
+        vectors are written: when it has changed, an embedded Chroma is reopened too, so
+        that dense search sees an ingest from another process (``python -m ingest`` beside
+        the server, another instance's upload) as soon as BM25 does."""
         ids_file = self._bm25_dir / "ids.json"
         stamp = ids_file.stat().st_mtime if ids_file.exists() else None
         with self._lock:
             if self._bm25 is None or stamp != self._bm25_stamp:
+                if self._bm25 is not None:
+                    self.store = self._open_store(fresh=True)
                 self._bm25 = KeywordIndex.load(self._bm25_dir)
                 self._bm25_stamp = stamp
             return self._bm25
 
     # --- rankers ---
     def dense(self, query: str, k: int) -> list[Hit]:
+        self.keyword_index()  # an ingest since the last search: reopen the vectors
         vec = self.embedder.encode([query])[0]
         return self.store.query(vec, k)
 
     def dense_many(
         self, queries: Sequence[str], k: int, where: dict[str, Any] | None = None
     ) -> list[list[Hit]]:
+        self.keyword_index()
         vecs = self.embedder.encode(list(queries))
         return [self.store.query(v, k, where) for v in vecs]
 

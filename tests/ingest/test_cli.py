@@ -206,3 +206,35 @@ def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
     assert "would add" in r.stdout and "a.md (1 doc(s), 1 chunks)" in r.stdout
     assert "1 to add" in r.stdout
     assert not (data / "chroma").exists()
+
+
+def test_an_open_retriever_sees_what_another_process_ingests(tmp_path: Path) -> None:
+    """``python -m ingest`` beside a running server: the server's retriever (here, open in this
+    process) finds the new chunks by dense search as well as by keyword, and stops finding the
+    ones a later run removed, without a restart."""
+    from rag_chat.retrieval.search import Retriever
+    from rag_chat.settings import Settings
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "install.md").write_text("# Installing\nRun make run to install everything.")
+    data = tmp_path / "state"
+    assert run_cli(["-m", "ingest", str(docs), "-q"], data).returncode == 0
+    retriever = Retriever(Settings(data_dir=data, _env_file=None))  # type: ignore[call-arg]
+    question = "Which animal guards the lighthouse at night?"
+    assert [h.metadata["source"] for h in retriever.search(question, 5, "dense")] == [
+        str(docs / "install.md")
+    ]
+
+    (docs / "owl.md").write_text("# The lighthouse owl\nAn owl guards the lighthouse at night.")
+    time.sleep(0.01)  # a new modification time for the rebuilt keyword index
+    assert run_cli(["-m", "ingest", str(docs), "-q"], data).returncode == 0
+    for mode in ("dense", "hybrid", "bm25"):
+        top = retriever.search(question, 5, mode)  # type: ignore[arg-type]
+        assert top[0].metadata["source"] == str(docs / "owl.md"), mode
+
+    (docs / "owl.md").unlink()
+    assert run_cli(["-m", "ingest", str(docs), "-q"], data).returncode == 0
+    for mode in ("dense", "hybrid"):
+        sources = {h.metadata["source"] for h in retriever.search(question, 5, mode)}  # type: ignore[arg-type]
+        assert sources == {str(docs / "install.md")}, mode
