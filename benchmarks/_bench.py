@@ -275,6 +275,23 @@ def find_pid(comm: str) -> int | None:
     return None
 
 
+def search_process_pid(server_pid: int) -> int | None:
+    """The server's search process (rag_chat/retrieval/process.py): its child started by
+    multiprocessing's spawn, not the resource tracker. None when it runs none."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError):
+            continue
+        if ppid == server_pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            return int(entry.name)
+    return None
+
+
 class CpuMeter:
     """CPU seconds taken by several processes over a stretch of wall time."""
 

@@ -80,6 +80,7 @@ from benchmarks._bench import (  # noqa: E402
     rss_bytes,
     save_json,
     scrape,
+    search_process_pid,
     start_rag_chat,
     start_token_server,
     wait_ready,
@@ -221,6 +222,7 @@ async def run_level(
         {
             "load generator": os.getpid(),
             "rag_chat": server.pid,
+            "search process": search_process_pid(server.pid),
             "token server": token.pid,
             "redis (shared)": find_pid("redis-server"),
         }
@@ -389,7 +391,7 @@ def report_sweep(args: argparse.Namespace, index_line: str, levels: list[dict[st
     print(
         f"{'clients':>8}{'tok/s':>9}{'ideal':>9}{'TTFT p50':>10}{'p99':>9}{'gap p50':>9}"
         f"{'p99':>8}{'errors':>8}{'missing':>8}{'lag p99':>8}{'cpu gen':>8}{'cpu srv':>8}"
-        f"{'cpu tok':>8}{'load':>6}{'holds':>6}"
+        f"{'cpu srch':>9}{'cpu tok':>8}{'load':>6}{'holds':>6}"
     )
     for lv in levels:
         errs = sum(lv["errors"].values())
@@ -400,6 +402,7 @@ def report_sweep(args: argparse.Namespace, index_line: str, levels: list[dict[st
             f"{fmt(lv['gap_ms']['p99']):>8}{errs:>8}{lv['tokens_missing']:>8}"
             f"{fmt(_ms(lv['server_loop_lag_p99_s_bucket']), 0):>8}"
             f"{lv['cpu']['load generator']['cores']:>8.2f}{lv['cpu']['rag_chat']['cores']:>8.2f}"
+            f"{lv['cpu'].get('search process', {}).get('cores', 0.0):>9.2f}"
             f"{lv['cpu']['token server']['cores']:>8.2f}"
             f"{lv['machine_load']['before']['load1']:>6.1f}{'yes' if lv['holds'] else 'NO':>6}"
         )
@@ -407,7 +410,7 @@ def report_sweep(args: argparse.Namespace, index_line: str, levels: list[dict[st
         f"goals: p99 gap ≤ {GOAL_GAP_MS:g} ms and p99 TTFT ≤ {GOAL_TTFT_MS:g} ms, no errors, "
         "every token delivered; server loop lag p99 ≤ 50 ms ('lag p99': the upper bound of "
         "the server's rag_event_loop_lag_seconds bucket, ms; 'cpu': cores used on average by "
-        "the load generator, the server, the token server; the machine has "
+        "the load generator, the server, its search process, the token server; the machine has "
         f"{os.cpu_count()} cores for all processes; 'load': 1-minute load average before)"
     )
     held = [lv["clients"] for lv in levels if lv["holds"]]

@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 Search = Callable[[str, int], list[Hit]]  # blocking: (query, k) -> hits
+SearchAsync = Callable[[str, int], Awaitable[list[Hit]]]  # the same, off this process
 
 MAX_MESSAGE_CHARS = 8000
 SNIPPET_CHARS = 320
@@ -447,16 +448,20 @@ class ChatService:
         metrics: Metrics | None = None,
         min_relevance: float | None = None,
         embedder: Embedder | None = None,
+        search_async: SearchAsync | None = None,
     ) -> None:
         """``min_relevance``: when the best hit's relevance (query-chunk cosine) is under it,
         the reply is "I don't know" without the LLM (None: always ask the LLM). ``embedder``:
-        used by the citation check (without one it is lexical only)."""
+        used by the citation check (without one it is lexical only). ``search_async``: the
+        same search done elsewhere (the search process); when it fails, ``search`` runs in a
+        worker thread instead."""
         self.metrics = metrics or Metrics()
         self.min_relevance = min_relevance
         self.embedder = embedder
         self.llm = llm
         self.memory = memory
         self.search = search
+        self.search_async = search_async
         self.top_k = top_k
         self.history_messages = 2 * history_turns
         self.rewrite = rewrite
@@ -464,8 +469,18 @@ class ChatService:
 
     async def retrieve(self, query: str, k: int | None = None) -> list[Hit]:
         t0 = time.perf_counter()
+        k = k or self.top_k
         try:
-            return await asyncio.to_thread(self.search, query, k or self.top_k)
+            if self.search_async is not None:
+                try:
+                    hits = await self.search_async(query, k)
+                    self.metrics.searches.labels("process").inc()
+                    return hits
+                except Exception as exc:  # not running, or failed: search here instead
+                    log.debug("search process: %s; searching in a worker thread", exc)
+            hits = await asyncio.to_thread(self.search, query, k)
+            self.metrics.searches.labels("thread").inc()
+            return hits
         except RagChatError:
             raise
         except Exception as exc:  # Chroma or the index failing must not kill the connection

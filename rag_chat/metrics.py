@@ -86,6 +86,18 @@ class Metrics:
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2),
             registry=r,
         )
+        self.searches = Counter(
+            "rag_searches_total",
+            "A reply's searches, by where they ran: the search process, or a worker thread "
+            "of the server (the process is off, starting, or gone)",
+            ["where"],
+            registry=r,
+        )
+        self.search_process_ready = Gauge(
+            "rag_search_process_ready",
+            "1 while the search process answers, 0 while searches run in the server",
+            registry=r,
+        )
         self.llm_errors = Counter(
             "rag_llm_errors_total", "LLM failures, by error code", ["code"], registry=r
         )

@@ -17,6 +17,7 @@ from rag_chat.llm import LLM, build_llm
 from rag_chat.memory import Memory, open_memory
 from rag_chat.metrics import Metrics
 from rag_chat.retrieval.embedder import Embedder
+from rag_chat.retrieval.process import SearchProcess
 from rag_chat.retrieval.search import Retriever
 from rag_chat.retrieval.store import Hit
 from rag_chat.rooms import (
@@ -47,6 +48,7 @@ class Services:
     limits: Limits
     uploads: Uploads
     metrics: Metrics = field(default_factory=Metrics)
+    search_process: SearchProcess | None = None
 
     def __post_init__(self) -> None:
         # one registry for everything this app measures
@@ -55,6 +57,8 @@ class Services:
         self.limits.on_hit = self.metrics.rate_limited
         hub = self.rooms.hub
         self.metrics.rooms.set_function(lambda: len(hub.subs))
+        proc = self.search_process
+        self.metrics.search_process_ready.set_function(lambda: int(bool(proc and proc.ready)))
 
     @classmethod
     async def open(
@@ -85,6 +89,9 @@ class Services:
         def search(query: str, k: int) -> list[Hit]:
             return retriever.search(query, k, "hybrid")
 
+        search_process = SearchProcess(settings) if settings.search_process else None
+        if search_process is not None:
+            search_process.start()  # ready in seconds; until then searches run here
         chat = ChatService(
             llm,
             memory,
@@ -93,6 +100,7 @@ class Services:
             history_turns=settings.history_turns,
             min_relevance=settings.min_relevance if settings.min_relevance > -1 else None,
             embedder=embedder,  # the citation check
+            search_async=search_process.search if search_process is not None else None,
         )
         # room events live where the memory lives: Redis shared by every instance, or this
         # process alone when memory fell back to in-process
@@ -144,9 +152,12 @@ class Services:
             Access(access_store),
             limits,
             Uploads(settings, job_store, embedder),
+            search_process=search_process,
         )
 
     async def aclose(self) -> None:
+        if self.search_process is not None:
+            await self.search_process.aclose()
         await self.rooms.stop()
         await self.rooms.log.aclose()
         await self.rooms.presence.aclose()

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # BM25 indexes each chunk with the terms of this many neighbouring chunks of the same
     # document on each side (0: the chunk alone); an ingest rebuilds the index when it changes
     keyword_neighbours: int = Field(default=1, ge=0, le=10)
+    # the chat's searches run in a process of their own (rag_chat/retrieval/process.py), out
+    # of the event loop's GIL; false: in the server's worker threads
+    search_process: bool = True
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     # conversation memory (rag_chat.memory): the newest memory_max_messages messages of a

@@ -19,6 +19,9 @@ def server_settings(guide_index: Path, redis_prefix: str) -> Settings:
         data_dir=guide_index,
         redis_url=f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
         redis_prefix=redis_prefix,
+        # searches in the server's worker threads: a search process per test app would cost
+        # seconds of imports each; tests/test_search_process.py and the e2e servers run it
+        search_process=False,
         _env_file=None,
     )
 

@@ -117,6 +117,24 @@ def test_websocket_cancel_with_the_real_model(server: str) -> None:
     assert event["finish_reason"] == "cancelled"
 
 
+def metric(url: str, line_start: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_searches_run_in_the_search_process(server: str) -> None:
+    deadline = time.monotonic() + 120
+    while metric(server, "rag_search_process_ready ") != 1.0:
+        assert time.monotonic() < deadline, "the search process never became ready"
+        time.sleep(0.5)
+    before = metric(server, 'rag_searches_total{where="process"}')
+    events = ws_ask(server, "Which Redis settings are there?")
+    assert events[-1]["type"] == "ai.done"
+    assert metric(server, 'rag_searches_total{where="process"}') == before + 1
+
+
 def test_sse_with_a_plain_http_client(server: str) -> None:
     seen: list[str] = []
     with httpx.stream("POST", f"{server}/api/chat", json={"message": QUESTION}, timeout=120) as r:

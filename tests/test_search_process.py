@@ -1,0 +1,138 @@
+"""The chat's searches in a process of their own (rag_chat/retrieval/process.py): the real
+retriever (real model, real Chroma) in a real spawned process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import rag_chat.retrieval.process as process_module
+from rag_chat.chat import ChatService
+from rag_chat.llm.fake import FakeLLM
+from rag_chat.memory import LocalMemory
+from rag_chat.retrieval.embedder import Embedder
+from rag_chat.retrieval.process import SearchError, SearchProcess
+from rag_chat.retrieval.search import Retriever
+from rag_chat.settings import Settings
+from tests.conftest import run_cli
+
+QUESTIONS = [
+    "How do I ingest PDF files?",
+    "Which Redis settings are there?",
+    "How do rooms show who is typing?",
+    "What does the OpenAI-compatible endpoint accept?",
+]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped) counts as gone
+    return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.fixture
+async def proc(guide_index: Path) -> AsyncIterator[SearchProcess]:
+    p = SearchProcess(Settings(data_dir=guide_index, _env_file=None))  # type: ignore[call-arg]
+    p.start()
+    assert await p.wait_ready(120)
+    yield p
+    await p.aclose()
+
+
+async def test_it_finds_what_the_server_would_find_itself(
+    proc: SearchProcess, guide_index: Path, embedder: Embedder
+) -> None:
+    here = Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
+    results = await asyncio.gather(*(proc.search(q, 5) for q in QUESTIONS * 5))
+    for question, hits in zip(QUESTIONS * 5, results, strict=True):
+        mine = here.search(question, 5)
+        assert [(h.id, h.text, h.metadata) for h in hits] == [
+            (h.id, h.text, h.metadata) for h in mine
+        ]
+        assert [h.relevance for h in hits] == pytest.approx([h.relevance for h in mine], abs=1e-5)
+    assert proc.pid is not None and proc.pid != os.getpid()
+
+
+async def test_a_dead_process_falls_back_to_the_servers_threads_and_comes_back(
+    proc: SearchProcess, guide_index: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process_module, "RESTART_AFTER_S", 0.2)
+    here = Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
+    chat = ChatService(
+        FakeLLM(["x"]), LocalMemory(), lambda q, k: here.search(q, k), search_async=proc.search
+    )
+    first = proc.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while proc.ready and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not proc.ready  # noticed: the pipe closed
+    with pytest.raises(SearchError):
+        await proc.search("anything", 3)
+    # the chat still answers, from the server's own worker threads
+    hits = await chat.retrieve(QUESTIONS[0])
+    assert hits and hits[0].metadata["source"] == "data/guide/ingesting.md"
+    # and a new process takes over
+    assert await proc.wait_ready(120)
+    assert proc.starts == 2 and proc.pid not in (None, first)
+    assert [h.id for h in await proc.search(QUESTIONS[0], 5)] == [h.id for h in hits]
+    assert not alive(first)
+
+
+async def test_it_sees_what_an_ingest_adds_meanwhile(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "install.md").write_text("# Installing\nRun make run to install everything.")
+    data = tmp_path / "state"
+    assert run_cli(["-m", "ingest", str(docs), "-q"], data).returncode == 0
+    p = SearchProcess(Settings(data_dir=data, _env_file=None))  # type: ignore[call-arg]
+    p.start()
+    try:
+        assert await p.wait_ready(120)
+        question = "Which animal guards the lighthouse at night?"
+        assert {h.metadata["source"] for h in await p.search(question, 5)} == {
+            str(docs / "install.md")
+        }
+        (docs / "owl.md").write_text("# The lighthouse owl\nAn owl guards the lighthouse.")
+        assert run_cli(["-m", "ingest", str(docs), "-q"], data).returncode == 0
+        assert (await p.search(question, 5))[0].metadata["source"] == str(docs / "owl.md")
+    finally:
+        await p.aclose()
+
+
+async def test_a_process_that_cannot_start_leaves_searches_in_the_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a Chroma server URL where nothing listens: the process reports why and exits
+    bad = Settings(data_dir=tmp_path, chroma_url="http://127.0.0.1:9/", _env_file=None)  # type: ignore[call-arg]
+    p = SearchProcess(bad)
+    p.start()
+    try:
+        assert not await p.wait_ready(120)
+        assert not p.ready and "search process did not start" in caplog.text
+        with pytest.raises(SearchError):
+            await p.search("x", 1)
+    finally:
+        await p.aclose()
+
+
+async def test_closing_stops_the_process(guide_index: Path) -> None:
+    p = SearchProcess(Settings(data_dir=guide_index, _env_file=None))  # type: ignore[call-arg]
+    p.start()
+    assert await p.wait_ready(120)
+    pid = p.pid
+    assert pid is not None and alive(pid)
+    await p.aclose()
+    assert not alive(pid)
+    with pytest.raises(SearchError):
+        await p.search("x", 1)
