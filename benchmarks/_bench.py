@@ -138,6 +138,24 @@ def wait_ready(procs: Sequence[Proc], path: str, timeout: float = START_TIMEOUT_
             raise RuntimeError("not ready in time:\n" + "\n".join(p.tail() for p in pending))
         if pending:
             time.sleep(0.3)
+    for proc in procs:
+        if path == "/readyz":
+            search_process_ready(proc, deadline)
+
+
+def search_process_ready(proc: Proc, deadline: float) -> None:
+    """A rag_chat server's search process answers (rag_search_process_ready 1), so that no
+    measurement catches searches in the server's threads while it starts, nor its start-up
+    CPU. RAG_SEARCH_PROCESS=false in this environment (the servers inherit it): not waited for."""
+    if os.environ.get("RAG_SEARCH_PROCESS", "true").strip().lower() in ("0", "false", "no", "off"):
+        return
+    while time.monotonic() < deadline:
+        text = httpx.get(proc.url + "/metrics", timeout=5, trust_env=False).text
+        lines = [ln for ln in text.splitlines() if ln.startswith("rag_search_process_ready ")]
+        if not lines or float(lines[0].split()[1]) == 1.0:
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"{proc.name}: the search process did not become ready\n{proc.tail()}")
 
 
 def start_token_server(log_dir: Path, tokens: int, rate: float) -> Proc:
@@ -173,6 +191,8 @@ def start_rag_chat(
         "RAG_RATE_LIMIT_PER_MINUTE": "0",
         "RAG_MAX_REPLIES_PER_USER": "1000",  # the most the setting allows
         "RAG_MAX_CONNECTIONS_PER_USER": "100000",
+        # passed through, to measure the server with its searches in threads
+        **{k: v for k, v in os.environ.items() if k == "RAG_SEARCH_PROCESS"},
         **extra,
     }
     args = ["-m", "rag_chat", "--port", str(port), "--log-level", "warning"]

@@ -21,8 +21,10 @@ Per level: aggregate tokens/s delivered in the steady window (after the ramp) ne
 C × rate; p50/p99 time to first token (send → first ``ai.token`` frame) and inter-token gap
 (from frame arrival times, per answer; a frame that carries several tokens — the server merges
 tokens for a client that falls behind — counts them as arriving together); errors; whether
-every token arrived (each answer's text is exactly ``t0 t1 … t199``); CPU taken by the load
-generator, the server, the token server and Redis (/proc); the server's own event-loop lag p99
+every token arrived (each answer's text is exactly ``t0 t1 … t199``; an answer the
+server gives as "don't know", having found nothing relevant, is whole without the LLM and
+counts apart); CPU taken by the load generator, the server, its search process, the token
+server and Redis (/proc); the server's own event-loop lag p99
 (its /metrics histogram: a bucket bound) and the load generator's. A level *holds* when p99 gap
 ≤ 100 ms, p99 TTFT ≤ 300 ms, no errors and every token arrived; ``--sweep`` reports the knee.
 
@@ -106,6 +108,9 @@ class Answer:
     parts: list[str] = field(default_factory=list)
     error: str | None = None
     finish: str | None = None
+    # the server found nothing relevant and said so without the LLM (its "don't know"): a
+    # whole answer, with no token from the token server
+    no_match: bool = False
     complete: bool = False
     done: bool = False
     # the server's own figures, from ai.done's timings: retrieval, and its start → first token
@@ -189,6 +194,7 @@ async def client_loop(
                     answer.parts.append(delta)
                 elif kind == "ai.done":
                     answer.finish = event.get("finish_reason")
+                    answer.no_match = bool(event.get("no_match"))
                     timings = event.get("timings") or {}
                     answer.retrieval_ms = timings.get("retrieval_ms")
                     answer.server_ttft_ms = timings.get("ttft_ms")
@@ -201,7 +207,9 @@ async def client_loop(
         except ConnectionClosed as exc:
             answer.error = f"closed_{exc.rcvd.code if exc.rcvd else 'abnormally'}"
         answer.done = True
-        answer.complete = answer.error is None and "".join(answer.parts) == want
+        answer.complete = answer.error is None and (
+            answer.no_match or "".join(answer.parts) == want
+        )
         if answer.error is not None or time.perf_counter() >= stop_asking:
             return
 
@@ -279,6 +287,7 @@ async def run_level(
             errors["unfinished"] = errors.get("unfinished", 0) + 1
     received = sum(a.tokens for a in answers)
     complete = sum(a.complete for a in answers)
+    no_match = sum(a.no_match for a in answers)
     all_tokens = complete == len(answers) and received == stats["tokens_sent"]
     lag_server = histogram_quantile(before, after, "rag_event_loop_lag_seconds", 0.99)
     level = {
@@ -288,6 +297,7 @@ async def run_level(
         "wall_s": wall,
         "answers": len(answers),
         "complete": complete,
+        "no_match": no_match,
         "tokens_received": received,
         "tokens_sent_by_token_server": stats["tokens_sent"],
         "tokens_missing": stats["tokens_sent"] - received,
@@ -336,7 +346,8 @@ def print_level(level: dict[str, Any]) -> None:
     cores = ", ".join(f"{k} {v['cores']:.2f}" for k, v in cpu.items() if not k.startswith("_"))
     print(
         f"  {level['clients']} clients ({level['addresses']} source address(es), connected in "
-        f"{level['connect_s']:.1f} s): {level['answers']} answers, {level['complete']} complete; "
+        f"{level['connect_s']:.1f} s): {level['answers']} answers, {level['complete']} complete "
+        f'({level["no_match"]} of them "don\'t know" without the LLM: nothing relevant found); '
         f"tokens {level['tokens_received']:,} received / "
         f"{level['tokens_sent_by_token_server']:,} sent by the token server"
     )
