@@ -213,6 +213,7 @@ class _StubHandler(BaseHTTPRequestHandler):
 
     strict = False
     stall_s = 0.0
+    gap_s = 0.0  # a pause after the first event of the stream
     # the event stream with CRLF (or lone CR) line ends, written a few bytes at a time
     line_end = "\n"
     piece = 0
@@ -227,10 +228,17 @@ class _StubHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if not self.piece:
+            if not self.piece and not self.gap_s:
                 self.wfile.write(body)
                 return
             self.wfile.flush()
+            if self.gap_s:  # the first event, then silence, then the rest
+                first = body.index(b"\n\n") + 2
+                self.wfile.write(body[:first])
+                self.wfile.flush()
+                time.sleep(self.gap_s)
+                self.wfile.write(body[first:])
+                return
             for i in range(0, len(body), self.piece):  # each piece its own network read
                 self.wfile.write(body[i : i + self.piece])
                 self.wfile.flush()
@@ -265,7 +273,11 @@ class _StubHandler(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def run_stub(
-    strict: bool = False, stall_s: float = 0.0, line_end: str = "\n", piece: int = 0
+    strict: bool = False,
+    stall_s: float = 0.0,
+    line_end: str = "\n",
+    piece: int = 0,
+    gap_s: float = 0.0,
 ) -> Iterator[tuple[str, list[dict[str, object]]]]:
     requests: list[dict[str, object]] = []
 
@@ -273,7 +285,7 @@ def run_stub(
         pass
 
     Handler.strict, Handler.stall_s, Handler.requests = strict, stall_s, requests
-    Handler.line_end, Handler.piece = line_end, piece
+    Handler.line_end, Handler.piece, Handler.gap_s = line_end, piece, gap_s
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
@@ -299,6 +311,35 @@ async def test_a_stalled_server_times_out(monkeypatch: pytest.MonkeyPatch) -> No
         try:
             with pytest.raises(LLMTimeout, match="timed out"):
                 await complete(llm, STORY, max_tokens=4)
+        finally:
+            await llm.aclose()
+
+
+async def test_a_stream_that_stops_midway_times_out_after_its_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read timeout holds between events too, where the stream is read straight from the
+    aiohttp response: the first token arrives, then silence past the timeout."""
+    monkeypatch.setattr(openai_compat, "READ_TIMEOUT_S", 0.5)
+    with run_stub(gap_s=3.0) as (url, _):
+        llm = OpenAICompatLLM(url, model="stub-model", max_retries=0)
+        try:
+            gen = llm.stream(STORY, max_tokens=4)
+            got: list[str] = []
+            t0 = time.monotonic()
+            with pytest.raises(LLMTimeout, match="timed out"):
+                async for delta in gen:
+                    got.append(delta)
+            assert got == ["Hi"]
+            assert 0.4 < time.monotonic() - t0 < 2.5  # the timeout, not the server's pause
+        finally:
+            await llm.aclose()
+    # and a stream with pauses shorter than the timeout is read whole, after the pause
+    monkeypatch.setattr(openai_compat, "READ_TIMEOUT_S", 2.0)
+    with run_stub(gap_s=0.8) as (url, _):
+        llm = OpenAICompatLLM(url, model="stub-model", max_retries=0)
+        try:
+            assert "".join([d async for d in llm.stream(STORY, max_tokens=4)]) == "Hi!"
         finally:
             await llm.aclose()
 
