@@ -136,3 +136,16 @@ async def test_closing_stops_the_process(guide_index: Path) -> None:
     assert not alive(pid)
     with pytest.raises(SearchError):
         await p.search("x", 1)
+
+
+async def test_a_server_stopped_while_its_search_process_starts_leaves_no_traceback(
+    guide_index: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    p = SearchProcess(Settings(data_dir=guide_index, _env_file=None))  # type: ignore[call-arg]
+    p.start()
+    await asyncio.sleep(0.5)  # spawned, still importing
+    await p.aclose()
+    assert p.pid is None and not p.ready
+    await asyncio.sleep(3)  # long enough for a child that outlived its server to say so
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err

@@ -44,7 +44,13 @@ _HitTuple = tuple[str, float, str, dict[str, Any], float | None]
 
 
 def _serve(settings: Settings, conn: Connection) -> None:
-    """The search process: build a retriever, say ready, answer requests until None."""
+    """The search process: build a retriever, say ready, answer requests until None (or
+    until the server's end of the pipe closes: a server stopped while this one started)."""
+    import signal
+
+    # Ctrl-C in a terminal reaches the whole process group: the server stops this process
+    # itself (None, or its end of the pipe closing), with no traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from rag_chat.retrieval.search import Retriever
 
     try:
@@ -52,9 +58,13 @@ def _serve(settings: Settings, conn: Connection) -> None:
         retriever.embedder.encode(["warm up"])
         retriever.keyword_index()
     except Exception as exc:  # reported to the server, which keeps searching in-process
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        with contextlib.suppress(OSError):
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", None))
+    try:
+        conn.send(("ready", None))
+    except OSError:  # the server is gone already
+        return
     while True:
         try:
             request = conn.recv()
@@ -124,6 +134,10 @@ class SearchProcess:
         child.close()
         try:
             got = await asyncio.to_thread(_recv_within, parent, START_TIMEOUT_S)
+        except asyncio.CancelledError:  # closed while it started: stop it, no waiting
+            proc.terminate()
+            parent.close()
+            raise
         except Exception as exc:
             got = ("failed", f"no word from it: {type(exc).__name__}")
         if self._closed or got[0] != "ready":
@@ -203,6 +217,8 @@ class SearchProcess:
         self._closed = True
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starting
         self.ready = False
         conn, self._conn = self._conn, None
         if conn is not None:
