@@ -91,6 +91,19 @@ def run_cli(
     )
 
 
+def ingest_install_guide(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder with one small document, ingested with the real ``python -m ingest`` into a
+    data dir of its own: (the folder, the data dir). Tests then change the folder and ingest
+    again, as a user would beside a running server."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "install.md").write_text("# Installing\nRun make run to install everything.")
+    data = tmp_path / "state"
+    result = run_cli(["-m", "ingest", str(docs), "-q"], data)
+    assert result.returncode == 0, result.stderr
+    return docs, data
+
+
 @pytest.fixture(scope="session")
 def guide_index(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Path:
     """The bundled user guide (data/), ingested once per session into a temp data dir."""

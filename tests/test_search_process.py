@@ -20,7 +20,7 @@ from rag_chat.retrieval.embedder import Embedder
 from rag_chat.retrieval.process import SearchError, SearchProcess
 from rag_chat.retrieval.search import Retriever
 from rag_chat.settings import Settings
-from tests.conftest import run_cli
+from tests.conftest import ingest_install_guide, run_cli
 
 QUESTIONS = [
     "How do I ingest PDF files?",
@@ -90,11 +90,7 @@ async def test_a_dead_process_falls_back_to_the_servers_threads_and_comes_back(
 
 
 async def test_it_sees_what_an_ingest_adds_meanwhile(tmp_path: Path) -> None:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "install.md").write_text("# Installing\nRun make run to install everything.")
-    data = tmp_path / "state"
-    assert run_cli(["-m", "ingest", str(docs), "-q"], data).returncode == 0
+    docs, data = ingest_install_guide(tmp_path)
     p = SearchProcess(Settings(data_dir=data, _env_file=None))  # type: ignore[call-arg]
     p.start()
     try:

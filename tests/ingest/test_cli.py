@@ -15,7 +15,7 @@ from filelock import FileLock
 from ingest.manifest import Manifest
 from rag_chat.retrieval.store import VectorStore, make_client
 from tests.builders import make_pdf
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, ingest_install_guide, run_cli
 
 
 def landed(data_dir: Path) -> set[str]:
@@ -215,11 +215,7 @@ def test_an_open_retriever_sees_what_another_process_ingests(tmp_path: Path) -> 
     from rag_chat.retrieval.search import Retriever
     from rag_chat.settings import Settings
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "install.md").write_text("# Installing\nRun make run to install everything.")
-    data = tmp_path / "state"
-    assert run_cli(["-m", "ingest", str(docs), "-q"], data).returncode == 0
+    docs, data = ingest_install_guide(tmp_path)
     retriever = Retriever(Settings(data_dir=data, _env_file=None))  # type: ignore[call-arg]
     question = "Which animal guards the lighthouse at night?"
     assert [h.metadata["source"] for h in retriever.search(question, 5, "dense")] == [
