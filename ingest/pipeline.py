@@ -63,7 +63,6 @@ class Report:
     tokens_embedded: int = 0
     embed_seconds: float = 0.0
     write_seconds: float = 0.0  # the writer thread: vector store, manifest, keyword terms
-    prepare_seconds: float = 0.0  # the writer thread opening the store, beside the embedding
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
     planned: list[tuple[str, str]] = field(default_factory=list)  # (action, path) for --dry-run
@@ -481,7 +480,7 @@ class Pipeline:
             else:
                 batch.vectors = self.embedder.encode(texts)
             report.embed_seconds += time.perf_counter() - t0
-            report.tokens_embedded += sum(c.tokens for _, c in batch.new_chunks())
+            report.tokens_embedded += sum(c.tokens for _, c in new)
         return batch
 
     def _reconcile(self, manifest: Manifest) -> int:
@@ -610,7 +609,6 @@ class _Writer:
                 if isinstance(batch, str):
                     self.p.store  # noqa: B018 - opens it
                     terms("warm up")
-                    self.report.prepare_seconds += time.perf_counter() - t0
                     continue
                 self._write(batch, terms)
             except BaseException as exc:  # surfaced to the main thread
