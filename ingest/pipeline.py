@@ -180,6 +180,14 @@ class Pipeline:
                 raise IngestError(str(exc)) from exc
         return self._store
 
+    def _load_embedder(self) -> None:
+        import numpy  # noqa: F401 - see _sync: imported by this thread before the writer's
+
+        load = getattr(self.embedder, "load", None)  # the server's is loaded; fakes have none
+        if load is not None:
+            load()
+        self.chunker  # noqa: B018 - the tokenizer
+
     # --- entry point ---
     def run(
         self,
@@ -369,7 +377,11 @@ class Pipeline:
                     manifest.set_meta("params", self.params)
                     changed = True
                     # something will be written: the writer opens the store (importing
-                    # Chroma: ~1.5 s) while this thread parses, chunks and embeds
+                    # Chroma: ~1.5 s) while this thread parses, chunks and embeds. This
+                    # thread imports the embedder's libraries first: two threads importing
+                    # numpy at once can each find it half-initialised ("partially
+                    # initialized module"), which failed an ingest in CI.
+                    self._load_embedder()
                     writer.prepare()
                 self._process_file(path, key, shown, st, digest, manifest, batches, report)
                 bar.update(1)

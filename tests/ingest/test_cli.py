@@ -234,3 +234,32 @@ def test_an_open_retriever_sees_what_another_process_ingests(tmp_path: Path) -> 
     for mode in ("dense", "hybrid"):
         sources = {h.metadata["source"] for h in retriever.search(question, 5, mode)}  # type: ignore[arg-type]
         assert sources == {str(docs / "install.md")}, mode
+
+
+def test_the_writer_thread_opens_chroma_only_after_numpy_is_imported(tmp_path: Path) -> None:
+    """The writer thread imports Chroma (and with it numpy) while the main thread parses and
+    embeds. Two threads importing numpy at once can each find it half-initialised ("cannot
+    import name ... from partially initialized module"): an ingest failed that way in CI. So
+    the main thread loads the embedder (numpy, ONNX Runtime) before the writer starts opening
+    the store. A fresh interpreter, as ``python -m ingest`` is."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# Llamas\nLlamas carry packs in the Andes.")
+    script = """
+import sys
+from ingest import pipeline
+from ingest.__main__ import main
+
+seen = []
+real = pipeline._Writer.prepare
+def prepare(self):
+    seen.append(sorted(m for m in ("numpy", "onnxruntime") if m in sys.modules))
+    real(self)
+pipeline._Writer.prepare = prepare
+code = main([sys.argv[1], "-q"])
+print("imported before the writer's prepare:", seen)
+sys.exit(code)
+"""
+    result = run_cli(["-c", script, str(docs)], tmp_path / "state")
+    assert result.returncode == 0, result.stderr
+    assert "imported before the writer's prepare: [['numpy', 'onnxruntime']]" in result.stdout
