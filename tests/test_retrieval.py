@@ -143,3 +143,32 @@ def test_other_fusion_settings_work(retriever: Retriever, fusion: Fusion) -> Non
         # all the weight on the dense side: the order is the dense order
         dense = [h.id for h in other.dense("How do I ingest PDF files?", 5)]
         assert [h.id for h in hits][:3] == dense[:3]
+
+
+@pytest.mark.parametrize(
+    "fusion",
+    [Fusion(), Fusion(method="rrf"), Fusion(prf_chunks=3), Fusion(candidates=1)],
+    ids=["default", "rrf", "prf", "one-candidate"],
+)
+def test_queries_searched_together_get_what_each_gets_alone(
+    retriever: Retriever, fusion: Fusion
+) -> None:
+    """The search process answers the questions that queued while it searched in one
+    ``hybrid_many``: one Chroma call per step for all of them, the same hits as alone."""
+    other = Retriever(retriever.settings, embedder=retriever.embedder, fusion=fusion)
+    requests = [
+        ("How do I ingest PDF files?", 5),
+        ("Which Redis settings are there?", 3),
+        ("forgetful chatbot amnesia yesterday", 5),  # nothing for BM25
+        ("How do I ingest PDF files?", 8),  # the same question, another k
+        ("RAG_LLM_BASE_URL and the Redis memory", 1),
+    ]
+    together = other.hybrid_many(requests)
+    assert len(together) == len(requests)
+    for (query, k), hits in zip(requests, together, strict=True):
+        alone = other.search(query, k)
+        assert hits and [(h.id, h.score, h.text, h.metadata) for h in hits] == [
+            (h.id, h.score, h.text, h.metadata) for h in alone
+        ]
+        assert [h.relevance for h in hits] == pytest.approx([h.relevance for h in alone])
+    assert other.hybrid_many([]) == []

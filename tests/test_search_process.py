@@ -145,3 +145,17 @@ async def test_a_server_stopped_while_its_search_process_starts_leaves_no_traceb
     await asyncio.sleep(3)  # long enough for a child that outlived its server to say so
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
+
+
+def test_a_search_that_fails_a_batch_fails_alone(guide_index: Path, embedder: Embedder) -> None:
+    """The process answers queued searches together; one that raises gets its own error and
+    the others their hits, as if each had been asked alone."""
+    here = Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
+    requests = [(1, QUESTIONS[0], 5), (2, None, 5), (3, QUESTIONS[1], 3)]
+    replies = process_module._answer(here, requests)  # type: ignore[arg-type]
+    assert [(rid, ok) for rid, ok, _ in replies] == [(1, True), (2, False), (3, True)]
+    assert replies[1][2].startswith(("TypeError", "AttributeError"))
+    for (_, question, k), (_, _, hits) in zip(
+        [requests[0], requests[2]], [replies[0], replies[2]], strict=True
+    ):
+        assert [h[0] for h in hits] == [h.id for h in here.search(question, k)]

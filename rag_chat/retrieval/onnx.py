@@ -152,7 +152,14 @@ class OnnxEncoder:
         self._dimension: int | None = None
 
     @classmethod
-    def load(cls, folder: Path, cache_dir: Path, max_tokens: int, quantize: bool) -> OnnxEncoder:
+    def load(
+        cls,
+        folder: Path,
+        cache_dir: Path,
+        max_tokens: int,
+        quantize: bool,
+        threads: int | None = None,
+    ) -> OnnxEncoder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -173,6 +180,8 @@ class OnnxEncoder:
         # idle intra-op threads sleep instead of spinning: a spinning pool after every query
         # took CPU from the event loop relaying hundreds of answers on the same two cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tok.no_padding()

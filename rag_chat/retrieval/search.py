@@ -124,35 +124,67 @@ class Retriever:
         return [Hit(cid, s, *found[cid]) for cid, s in ranked if cid in found]
 
     def hybrid(self, query: str, k: int) -> list[Hit]:
+        return self.hybrid_many([(query, k)])[0]
+
+    def hybrid_many(self, requests: Sequence[tuple[str, int]]) -> list[list[Hit]]:
+        """``hybrid`` for several (query, k) at once, each getting the hits it would get alone,
+        with one Chroma call per step for all of them: the search process answers what queued
+        while it searched this way. Each query is still embedded alone: the int8 model
+        quantises its activations per call, so a query embedded beside others would get a
+        vector that depends on them (cosine 0.987 to its own, measured)."""
         import numpy as np
 
+        if not requests:
+            return []
         f = self.fusion
-        n = max(k, f.candidates)
-        qvec = self.embedder.encode([query])[0]
-        sparse = self.keyword_index().search(query, n)
-        dense = self.store.ranked(qvec, n)
-        fused = self._fuse(dense, sparse)
-        if f.prf_chunks > 0 and fused:
-            top = sorted(fused, key=fused.__getitem__, reverse=True)[: f.prf_chunks]
-            vecs = self.store.fetch(top)
-            if vecs:
-                centroid = np.mean([v for _, _, v in vecs.values()], axis=0)
-                q2 = qvec + f.prf_weight * centroid
-                q2 = (q2 / max(float(np.linalg.norm(q2)), 1e-9)).astype(np.float32)
-                fused = self._fuse(self.store.ranked(q2, n), sparse)
-        top = sorted(fused, key=fused.__getitem__, reverse=True)[:k]
+        bm25 = self.keyword_index()  # first: an ingest since the last search reopens the store
+        qvecs = [self.embedder.encode([q])[0] for q, _ in requests]
+        ns = [max(k, f.candidates) for _, k in requests]
+        dense: list[list[tuple[str, float]]] = [[] for _ in requests]
+        for n in set(ns):  # the same n gives the same neighbours as alone; chat asks one n
+            idx = [i for i, m in enumerate(ns) if m == n]
+            ranked = self.store.ranked_many([qvecs[i] for i in idx], n)
+            for i, got in zip(idx, ranked, strict=True):
+                dense[i] = got
+        sparse = [bm25.search(q, n) for (q, _), n in zip(requests, ns, strict=True)]
+        fused = [self._fuse(d, s) for d, s in zip(dense, sparse, strict=True)]
+        if f.prf_chunks > 0:
+            for i, scores in enumerate(fused):
+                top = sorted(scores, key=scores.__getitem__, reverse=True)[: f.prf_chunks]
+                vecs = self.store.fetch(top)
+                if vecs:
+                    centroid = np.mean([v for _, _, v in vecs.values()], axis=0)
+                    q2 = qvecs[i] + f.prf_weight * centroid
+                    q2 = (q2 / max(float(np.linalg.norm(q2)), 1e-9)).astype(np.float32)
+                    fused[i] = self._fuse(self.store.ranked(q2, ns[i]), sparse[i])
+        tops = [
+            sorted(scores, key=scores.__getitem__, reverse=True)[:k]
+            for scores, (_, k) in zip(fused, requests, strict=True)
+        ]
+        found = self.store.get(list(dict.fromkeys(cid for top in tops for cid in top)))
         # relevance is the query-chunk cosine: Chroma gave it for the dense candidates; only
         # chunks that BM25 alone found need their vectors read back
-        cosine = dict(dense)
-        found = self.store.get(top)
-        need = [cid for cid in top if cid in found and cid not in cosine]
-        for cid, (_, _, vec) in self.store.fetch(need).items():
-            cosine[cid] = float(vec @ qvec)
-        return [
-            Hit(cid, fused[cid], found[cid][0], found[cid][1], cosine.get(cid))
+        cosines = [dict(d) for d in dense]
+        need = {
+            cid
+            for top, cosine in zip(tops, cosines, strict=True)
             for cid in top
-            if cid in found
-        ]
+            if cid in found and cid not in cosine
+        }
+        vectors = self.store.fetch(sorted(need))
+        out: list[list[Hit]] = []
+        for top, scores, cosine, qvec in zip(tops, fused, cosines, qvecs, strict=True):
+            for cid in top:
+                if cid not in cosine and cid in vectors:
+                    cosine[cid] = float(vectors[cid][2] @ qvec)
+            out.append(
+                [
+                    Hit(cid, scores[cid], found[cid][0], found[cid][1], cosine.get(cid))
+                    for cid in top
+                    if cid in found
+                ]
+            )
+        return out
 
     def _fuse(
         self, dense: list[tuple[str, float]], sparse: list[tuple[str, float]]

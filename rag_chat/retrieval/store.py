@@ -148,11 +148,22 @@ class VectorStore:
 
     def ranked(self, embedding: npt.NDArray[np.float32], k: int) -> list[tuple[str, float]]:
         """The k nearest chunk ids and cosines, nothing else read: a fusion's candidates."""
+        return self.ranked_many([embedding], k)[0]
+
+    def ranked_many(
+        self, embeddings: Sequence[npt.NDArray[np.float32]], k: int
+    ) -> list[list[tuple[str, float]]]:
+        """``ranked`` for several queries in one call: each gets the neighbours it would get
+        alone, for about half the CPU per query from 4 queries on (Chroma's own work per call
+        outweighs the index search)."""
+        if not embeddings:
+            return []
         res = self.collection.query(
-            query_embeddings=[embedding], n_results=k, include=["distances"]
+            query_embeddings=list(embeddings), n_results=k, include=["distances"]
         )
         return [
-            (cid, 1.0 - float(d)) for cid, d in zip(res["ids"][0], res["distances"][0], strict=True)
+            [(cid, 1.0 - float(d)) for cid, d in zip(ids, dists, strict=True)]
+            for ids, dists in zip(res["ids"], res["distances"] or [], strict=True)
         ]
 
     def fetch(self, ids: Sequence[str]) -> dict[str, tuple[str, Metadata, npt.NDArray[np.float32]]]:
