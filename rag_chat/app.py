@@ -5,7 +5,8 @@ the error's HTTP status (429s also carry ``Retry-After`` and ``retry_after``); r
 validation failures become one-line ``bad_request`` errors. Tracebacks never reach clients.
 Every response carries ``X-Content-Type-Options: nosniff``; CORS follows RAG_ALLOWED_ORIGINS.
 Every request has an id (``X-Request-ID``, in and out; rag_chat.logs) that its log records carry;
-the lifespan also runs the event-loop lag probe (rag_chat.metrics.watch_loop_lag).
+the lifespan also runs the event-loop lag probe (rag_chat.metrics.watch_loop_lag) and the
+garbage-collector pause watch (rag_chat.metrics.watch_gc).
 
 Graceful shutdown (:func:`drain`, run by ``python -m rag_chat`` before uvicorn closes
 connections): replies in flight are cancelled and end with their ``ai.done``
@@ -34,7 +35,7 @@ from rag_chat.api import documents, openai, rest, sse, ws
 from rag_chat.api.deps import SafeJSONResponse
 from rag_chat.errors import RagChatError, RateLimited
 from rag_chat.logs import REQUEST_ID_HEADER, RequestIdMiddleware, enable_ws_trace
-from rag_chat.metrics import watch_loop_lag
+from rag_chat.metrics import watch_gc, watch_loop_lag
 from rag_chat.services import Services
 from rag_chat.settings import Settings, get_settings
 
@@ -64,9 +65,11 @@ def create_app(
         services = await (services_factory or Services.open)(settings)
         app.state.services = services
         lag = asyncio.create_task(watch_loop_lag(services.metrics.loop_lag), name="loop-lag")
+        stop_gc_watch = watch_gc(services.metrics.gc_pause)
         try:
             yield
         finally:
+            stop_gc_watch()
             lag.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lag

@@ -26,6 +26,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import ExtensionName, ExtensionParameter
 
 from rag_chat.app import drain
+from rag_chat.metrics import freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self.app = app
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        freeze_startup_objects()
 
     async def shutdown(self, sockets: Any = None) -> None:
         try:

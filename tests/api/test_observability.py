@@ -6,6 +6,7 @@ formatter, and the Grafana dashboard queries only metrics the app serves."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ from rag_chat.logs import (
     request_id,
 )
 from rag_chat.memory.redis import RedisMemory
+from rag_chat.metrics import Metrics, watch_gc
 from rag_chat.retrieval.embedder import Embedder
 from rag_chat.services import Services
 from rag_chat.settings import Settings
@@ -207,6 +209,29 @@ def test_metrics_follow_answers_cancels_resumes_and_limits(
         assert value(lag, "rag_event_loop_lag_seconds_bucket", le="+Inf") == value(
             lag, "rag_event_loop_lag_seconds_count"
         )
+        # garbage-collector pauses, by generation: a full collection here is one more
+        before = value(lag, "rag_gc_pause_seconds_count", generation="2")
+        gc.collect()
+        assert value(scrape(client), "rag_gc_pause_seconds_count", generation="2") == before + 1
+
+
+def test_the_gc_watch_records_pauses_until_stopped() -> None:
+    metrics = Metrics()
+    stop = watch_gc(metrics.gc_pause)
+    gc.collect()
+    gc.collect(1)
+    stop()
+    gc.collect()
+    samples = {
+        s.labels["generation"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "rag_gc_pause_seconds"
+        for s in family.samples
+        if s.name.endswith("_count")
+    }
+    # one full collection while watched (automatic ones of the younger generations may add
+    # to those), none after stop
+    assert samples["2"] == 1 and samples["1"] >= 1
 
 
 def test_a_slow_consumer_is_dropped_and_counted(

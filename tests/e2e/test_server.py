@@ -135,6 +135,12 @@ def test_searches_run_in_the_search_process(server: str) -> None:
     assert metric(server, 'rag_searches_total{where="process"}') == before + 1
 
 
+def test_the_server_froze_what_it_loaded_at_start(server: str) -> None:
+    """Full garbage collections would scan the loaded models and index again and again with
+    the GIL held (up to 230 ms each under load): the server exempts them once started."""
+    assert metric(server, "rag_gc_frozen_objects ") > 50_000
+
+
 def test_sse_with_a_plain_http_client(server: str) -> None:
     seen: list[str] = []
     with httpx.stream("POST", f"{server}/api/chat", json={"message": QUESTION}, timeout=120) as r:
