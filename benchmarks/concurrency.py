@@ -317,6 +317,17 @@ async def run_level(
             before, after, "rag_slow_consumers_dropped_total"
         ),
         "server_errors_sent": counter_delta(before, after, "rag_errors_total"),
+        # the server's garbage-collector pauses during the level, by generation
+        "server_gc": {
+            g: {
+                "collections": counter_delta(
+                    before, after, f'rag_gc_pause_seconds_count{{generation="{g}"}}'
+                ),
+                "pause_ms": 1e3
+                * counter_delta(before, after, f'rag_gc_pause_seconds_sum{{generation="{g}"}}'),
+            }
+            for g in "012"
+        },
         "load_generator_loop_lag_ms": dist(lags),
         "machine_load": {"before": load_before, "after": machine_load()},
     }
@@ -369,6 +380,11 @@ def print_level(level: dict[str, Any]) -> None:
         f"{fmt(level['server_loop_lag_p99_s_bucket'], 3)} s (bucket); load generator loop lag "
         f"p99 {fmt(level['load_generator_loop_lag_ms']['p99'])} ms; "
         f"{'HOLDS' if level['holds'] else 'does NOT hold'}"
+    )
+    gcs = level["server_gc"]
+    print(
+        "    server GC pauses (generation: collections, ms in all): "
+        + "; ".join(f"{g}: {v['collections']:.0f}, {v['pause_ms']:.0f}" for g, v in gcs.items())
     )
 
 

@@ -26,7 +26,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import ExtensionName, ExtensionParameter
 
 from rag_chat.app import drain
-from rag_chat.metrics import freeze_startup_objects
+from rag_chat.metrics import tune_gc
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        freeze_startup_objects()
+        tune_gc()
 
     async def shutdown(self, sockets: Any = None) -> None:
         try:

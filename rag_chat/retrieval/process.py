@@ -65,9 +65,9 @@ def _serve(settings: Settings, conn: Connection) -> None:
         with contextlib.suppress(OSError):
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    from rag_chat.metrics import freeze_startup_objects
+    from rag_chat.metrics import tune_gc
 
-    freeze_startup_objects()  # its full collections would pause every search in the queue
+    tune_gc()  # its full collections would pause every search in the queue
     try:
         conn.send(("ready", None))
     except OSError:  # the server is gone already
