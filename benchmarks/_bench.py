@@ -191,6 +191,7 @@ def start_rag_chat(
         "RAG_RATE_LIMIT_PER_MINUTE": "0",
         "RAG_MAX_REPLIES_PER_USER": "1000",  # the most the setting allows
         "RAG_MAX_CONNECTIONS_PER_USER": "100000",
+        "RAG_GC_METRICS": "true",  # concurrency.py reports the server's GC pauses
         # passed through, to measure the server with its searches in threads
         **{k: v for k, v in os.environ.items() if k == "RAG_SEARCH_PROCESS"},
         **extra,

@@ -5,8 +5,8 @@ the error's HTTP status (429s also carry ``Retry-After`` and ``retry_after``); r
 validation failures become one-line ``bad_request`` errors. Tracebacks never reach clients.
 Every response carries ``X-Content-Type-Options: nosniff``; CORS follows RAG_ALLOWED_ORIGINS.
 Every request has an id (``X-Request-ID``, in and out; rag_chat.logs) that its log records carry;
-the lifespan also runs the event-loop lag probe (rag_chat.metrics.watch_loop_lag) and the
-garbage-collector pause watch (rag_chat.metrics.watch_gc).
+the lifespan also runs the event-loop lag probe (rag_chat.metrics.watch_loop_lag) and, with
+RAG_GC_METRICS, the garbage-collector pause watch (rag_chat.metrics.watch_gc).
 
 Graceful shutdown (:func:`drain`, run by ``python -m rag_chat`` before uvicorn closes
 connections): replies in flight are cancelled and end with their ``ai.done``
@@ -65,11 +65,12 @@ def create_app(
         services = await (services_factory or Services.open)(settings)
         app.state.services = services
         lag = asyncio.create_task(watch_loop_lag(services.metrics.loop_lag), name="loop-lag")
-        stop_gc_watch = watch_gc(services.metrics.gc_pause)
+        stop_gc_watch = watch_gc(services.metrics.gc_pause) if settings.gc_metrics else None
         try:
             yield
         finally:
-            stop_gc_watch()
+            if stop_gc_watch is not None:
+                stop_gc_watch()
             lag.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lag

@@ -188,9 +188,10 @@ async def watch_loop_lag(histogram: Histogram, interval_s: float = LOOP_LAG_INTE
 
 def watch_gc(histogram: Histogram) -> Callable[[], None]:
     """Record each garbage collection's pause in ``histogram`` (by generation) until the
-    returned function is called. A full collection holds the GIL for as long as it scans:
-    before the server froze its start-up objects (:func:`tune_gc`) one
-    took up to 230 ms at 250 streaming clients."""
+    returned function is called. With ``RAG_GC_METRICS`` only: a collection can start at any
+    allocation, also one made at the recursion limit, where calling this Python callback
+    fails. A full collection holds the GIL for as long as it scans: before the server froze
+    its start-up objects (:func:`tune_gc`) one took up to 230 ms at 250 streaming clients."""
     started = [0.0]
 
     def callback(phase: str, info: dict[str, Any]) -> None:

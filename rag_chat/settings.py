@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     # WebSocket event received and sent, logged at DEBUG on rag_chat.ws.trace
     log_format: Literal["text", "json"] = "text"
     trace_ws: bool = False
+    # garbage-collector pauses on /metrics (rag_gc_pause_seconds), from a gc callback: off by
+    # default, because on Python 3.11 a callback that a collection starts while a parser is at
+    # the recursion limit (a deeply nested JSON body) fails, and Python prints an ignored
+    # exception; benchmarks/concurrency.py turns it on for its server
+    gc_metrics: bool = False
 
     def collection_dir(self, collection: str | None = None) -> Path:
         """Where a collection's manifest and keyword index live."""

@@ -108,7 +108,7 @@ def log_lines() -> Iterator[Callable[[str], list[dict[str, Any]]]]:
 def test_metrics_follow_answers_cancels_resumes_and_limits(
     make_app: Any, server_settings: Settings
 ) -> None:
-    settings = server_settings.model_copy(update={"rate_limit_per_minute": 3})
+    settings = server_settings.model_copy(update={"rate_limit_per_minute": 3, "gc_metrics": True})
     llm = FakeLLM(delay=0.02)
     with TestClient(make_app(llm, settings)) as client:
         before = scrape(client)
@@ -209,7 +209,8 @@ def test_metrics_follow_answers_cancels_resumes_and_limits(
         assert value(lag, "rag_event_loop_lag_seconds_bucket", le="+Inf") == value(
             lag, "rag_event_loop_lag_seconds_count"
         )
-        # garbage-collector pauses, by generation: a full collection here is one more
+        # garbage-collector pauses (RAG_GC_METRICS), by generation: a full collection here
+        # is one more
         before = value(lag, "rag_gc_pause_seconds_count", generation="2")
         gc.collect()
         assert value(scrape(client), "rag_gc_pause_seconds_count", generation="2") == before + 1
