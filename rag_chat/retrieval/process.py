@@ -103,13 +103,9 @@ def _answer(retriever: Any, requests: list[tuple[int, str, int]]) -> list[tuple[
     try:
         many = retriever.hybrid_many([(query, k) for _, query, k in requests])
         return [(rid, True, hits(found)) for (rid, _, _), found in zip(requests, many, strict=True)]
-    except Exception:
+    except Exception as exc:
         if len(requests) == 1:
-            rid, query, k = requests[0]
-            try:
-                return [(rid, True, hits(retriever.search(query, k)))]
-            except Exception as exc:
-                return [(rid, False, f"{type(exc).__name__}: {exc}")]
+            return [(requests[0][0], False, f"{type(exc).__name__}: {exc}")]
         # one of them failed the batch: each alone, so that it alone gets the error
         return [reply for r in requests for reply in _answer(retriever, [r])]
 
