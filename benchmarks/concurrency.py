@@ -23,7 +23,9 @@ C × rate; p50/p99 time to first token (send → first ``ai.token`` frame) and i
 tokens for a client that falls behind — counts them as arriving together); errors; whether
 every token arrived (each answer's text is exactly ``t0 t1 … t199``; an answer the
 server gives as "don't know", having found nothing relevant, is whole without the LLM and
-counts apart); CPU taken by the load generator, the server, its search process, the token
+counts apart); where TTFT went (p50/p99 of each part, from ``ai.done``'s timings): admit
+(the question's arrival → its reply's start), the reply's start → its first token, and the rest
+(the question's way in and the first token's way out); CPU taken by the load generator, the server, its search process, the token
 server and Redis (/proc); the server's own event-loop lag p99
 (its /metrics histogram: a bucket bound) and the load generator's. A level *holds* when p99 gap
 ≤ 100 ms, p99 TTFT ≤ 300 ms, no errors and every token arrived; ``--sweep`` reports the knee.
@@ -113,9 +115,19 @@ class Answer:
     no_match: bool = False
     complete: bool = False
     done: bool = False
-    # the server's own figures, from ai.done's timings: retrieval, and its start → first token
+    # the server's own figures, from ai.done's timings: admit (the question's arrival → the
+    # reply's start), retrieval, and the reply's start → its first token
+    admit_ms: float | None = None
     retrieval_ms: float | None = None
     server_ttft_ms: float | None = None
+
+    def rest_ms(self) -> float | None:
+        """What TTFT spent outside the server's two timings: the question's way in, the
+        first token's way out (its room-log append and fan-out, the socket) and the load
+        generator's own read."""
+        if not self.frames or self.admit_ms is None or self.server_ttft_ms is None:
+            return None
+        return (self.frames[0][0] - self.t_send) * 1000 - self.admit_ms - self.server_ttft_ms
 
     @property
     def tokens(self) -> int:
@@ -196,6 +208,7 @@ async def client_loop(
                     answer.finish = event.get("finish_reason")
                     answer.no_match = bool(event.get("no_match"))
                     timings = event.get("timings") or {}
+                    answer.admit_ms = timings.get("admit_ms")
                     answer.retrieval_ms = timings.get("retrieval_ms")
                     answer.server_ttft_ms = timings.get("ttft_ms")
                     break
@@ -306,8 +319,10 @@ async def run_level(
         "steady_tokens_per_s": steady_tokens / window if window > 0 else math.nan,
         "ideal_tokens_per_s": n * args.rate,
         "ttft_ms": dist(ttft),
+        "server_admit_ms": dist([a.admit_ms for a in answers if a.admit_ms is not None]),
         "server_retrieval_ms": dist([a.retrieval_ms for a in answers if a.retrieval_ms]),
         "server_ttft_ms": dist([a.server_ttft_ms for a in answers if a.server_ttft_ms]),
+        "ttft_rest_ms": dist([r for a in answers if (r := a.rest_ms()) is not None]),
         "gap_ms": dist(gaps),
         "per_client_p99_gap_ms": dist(per_client_p99),
         "errors": errors,
@@ -374,6 +389,14 @@ def print_level(level: dict[str, Any]) -> None:
         f"{fmt(level['server_retrieval_ms']['p50'])} / p99 "
         f"{fmt(level['server_retrieval_ms']['p99'])} ms; reply start → first token p50 "
         f"{fmt(level['server_ttft_ms']['p50'])} / p99 {fmt(level['server_ttft_ms']['p99'])} ms"
+    )
+    print(
+        f"    TTFT, where it went (p50 / p99 of each part): admit (arrival → reply start) "
+        f"{fmt(level['server_admit_ms']['p50'])} / {fmt(level['server_admit_ms']['p99'])} ms, "
+        f"reply start → first token {fmt(level['server_ttft_ms']['p50'])} / "
+        f"{fmt(level['server_ttft_ms']['p99'])} ms, the rest (the question's way in, the first "
+        f"token's way out: log append, fan-out, socket, this process's read) "
+        f"{fmt(level['ttft_rest_ms']['p50'])} / {fmt(level['ttft_rest_ms']['p99'])} ms"
     )
     print(
         f"    errors {level['errors'] or 'none'}; CPU cores: {cores}; server loop lag p99 ≤ "

@@ -78,6 +78,10 @@ _QUESTION_FILLER = re.compile(
 _CONTROL = re.compile(r"<\|[^|>]{0,40}\|>|\[/?INST\]|<</?SYS>>|<(start|end)_of_turn>")
 
 
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 def is_unicode(text: str) -> bool:
     """False for strings with lone UTF-16 surrogates (JSON escapes can make them)."""
     try:
@@ -224,6 +228,9 @@ class Reply:
     question_id: str | None = None
     # retrieval started while the question was still being written (ChatService.prefetch)
     prefetched: asyncio.Task[tuple[list[Hit], float]] | None = None
+    # time.perf_counter() when the question arrived (the transport's receive): what came
+    # before the reply started is its admit time
+    received: float | None = None
     _generation: Generation | None = None
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # why it was cancelled, sent in ai.done: "user" (stop), "abandoned" (nobody left to read
@@ -257,6 +264,9 @@ class Reply:
         metrics = svc.metrics
         base = {"message_id": self.message_id, "conversation_id": self.conversation_id}
         started = time.perf_counter()
+        admit_ms = None if self.received is None else (started - self.received) * 1000
+        if admit_ms is not None:
+            metrics.admit.observe(admit_ms / 1000)
         yield {"type": "ai.start", **base}
         try:
             history = self.history
@@ -274,7 +284,7 @@ class Reply:
                 hits = await svc.retrieve(query)
                 retrieval_ms = (time.perf_counter() - t0) * 1000
             if svc.nothing_relevant(hits):
-                async for event in self._dont_know(base, query, started, retrieval_ms):
+                async for event in self._dont_know(base, query, started, admit_ms, retrieval_ms):
                     yield event
                 return
             answer_tokens = min(self.max_tokens or svc.answer_tokens, svc.answer_tokens)
@@ -338,6 +348,7 @@ class Reply:
                     "completion_tokens": usage.completion_tokens,
                 },
                 "timings": {
+                    "admit_ms": _ms(admit_ms),
                     "retrieval_ms": round(retrieval_ms, 1),
                     "ttft_ms": round(ttft, 1) if ttft is not None else None,
                     "total_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -369,7 +380,12 @@ class Reply:
             yield {"type": "error", **base, "code": exc.code, "message": str(exc)}
 
     async def _dont_know(
-        self, base: dict[str, str], query: str, started: float, retrieval_ms: float
+        self,
+        base: dict[str, str],
+        query: str,
+        started: float,
+        admit_ms: float | None,
+        retrieval_ms: float,
     ) -> AsyncGenerator[Event, None]:
         """Nothing relevant was found: say so at once, without the LLM, and keep the turn."""
         yield {"type": "ai.sources", **base, "query": query, "chunks": []}
@@ -382,6 +398,7 @@ class Reply:
             "finish_reason": "stop",
             "usage": {"prompt_tokens": 0, "completion_tokens": 0},
             "timings": {
+                "admit_ms": _ms(admit_ms),
                 "retrieval_ms": round(retrieval_ms, 1),
                 "ttft_ms": round((time.perf_counter() - started) * 1000, 1),
                 "total_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -538,6 +555,7 @@ class ChatService:
         persist: bool = True,
         max_tokens: int | None = None,
         question_id: str | None = None,
+        received: float | None = None,
     ) -> Reply:
         text = (text or "").strip()
         if not text:
@@ -558,4 +576,5 @@ class ChatService:
             max_tokens=max_tokens,
             question_id=question_id,
             prefetched=prefetched,
+            received=received,
         )

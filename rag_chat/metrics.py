@@ -73,6 +73,14 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.admit = Histogram(
+            "rag_reply_admit_seconds",
+            "From a question's arrival to the start of its reply: limits, the question written "
+            "to the room log and memory (over WebSocket, a conversation's first question also "
+            "its access check and join)",
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.inter_token = Histogram(
             "rag_inter_token_seconds",
             "Gap between consecutive tokens of a reply, as produced",

@@ -181,6 +181,7 @@ export interface Usage {
 }
 
 export interface Timings {
+  admit_ms?: number | null;
   retrieval_ms?: number | null;
   ttft_ms?: number | null;
   total_ms?: number | null;

@@ -89,6 +89,7 @@ async def models(request: Request) -> dict[str, Any]:
 
 @router.post("/chat/completions", summary="RAG answers in the OpenAI chat-completions format")
 async def chat_completions(body: CompletionIn, request: Request, who: Caller) -> Any:
+    received = time.perf_counter()
     services: Services = request.app.state.services
     question, history = _split(body.messages)
     limits, lease = services.limits, uuid.uuid4().hex
@@ -96,7 +97,10 @@ async def chat_completions(body: CompletionIn, request: Request, who: Caller) ->
     await limits.reply_started(who.limit_key, lease)
     try:
         reply = services.chat.start(
-            question, history=history, max_tokens=body.max_completion_tokens or body.max_tokens
+            question,
+            history=history,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            received=received,
         )
     except BaseException:
         await limits.reply_finished(who.limit_key, lease)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -59,6 +60,7 @@ async def chat_sse(
     who: Caller,
     last_event_id: str | None = Header(default=None, description="resume after this seq"),
 ) -> EventSourceResponse:
+    received = time.perf_counter()
     services: Services = request.app.state.services
     rooms = services.rooms
     resume: int | None = None
@@ -83,7 +85,9 @@ async def chat_sse(
         before = 0 if body.conversation_id is None else await rooms.log.last_seq(room)
         joining = asyncio.ensure_future(rooms.join(member, room, before, queue.put_nowait))
         try:
-            msg = await rooms.post(member, room, body.message, client_id=body.client_id, ai=True)
+            msg = await rooms.post(
+                member, room, body.message, client_id=body.client_id, ai=True, received=received
+            )
             await joining
         except BaseException:
             joining.cancel()

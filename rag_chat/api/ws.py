@@ -396,6 +396,7 @@ class Connection:
     async def _receive_loop(self) -> None:
         while self.ending is None:
             msg = await self.ws.receive()
+            received = time.perf_counter()
             if msg["type"] == "websocket.disconnect":
                 if trace.isEnabledFor(logging.DEBUG):
                     trace.debug("disconnected by the client, code %s", msg.get("code"))
@@ -438,7 +439,7 @@ class Connection:
                 self._bad(explain(exc), event=kind if isinstance(kind, str) else None)
                 continue
             try:
-                await self._dispatch(event)
+                await self._dispatch(event, received)
             except RagChatError as exc:
                 # say what the error is about, so a client can match it to what it sent
                 about = {
@@ -461,7 +462,7 @@ class Connection:
 
         await self.rooms.join(self.member, room, last_seq, deliver)
 
-    async def _dispatch(self, event: ClientEvent) -> None:
+    async def _dispatch(self, event: ClientEvent, received: float | None = None) -> None:
         access = self.services.access
         if isinstance(event, PingIn):
             self.deliver({"type": "pong"})
@@ -501,7 +502,12 @@ class Connection:
                     self.error("not_joined", f"join room {event.room!r} first", event="message")
                     return
                 posted = await self.rooms.post(
-                    self.member, event.room, event.text, client_id=event.client_id, ai=event.ai
+                    self.member,
+                    event.room,
+                    event.text,
+                    client_id=event.client_id,
+                    ai=event.ai,
+                    received=received,
                 )
             else:  # a private conversation with the assistant: a room with one member
                 room = event.conversation_id or self.private_room
@@ -509,7 +515,12 @@ class Connection:
                     await access.private(self.who, room, event.text)
                     await self._join(room, None, announce=False)
                 posted = await self.rooms.post(
-                    self.member, room, event.text, client_id=event.client_id, ai=True
+                    self.member,
+                    room,
+                    event.text,
+                    client_id=event.client_id,
+                    ai=True,
+                    received=received,
                 )
             if posted is not None:  # None: a re-sent client_id, not a new message
                 self.services.metrics.messages.labels("ws").inc()

@@ -276,12 +276,23 @@ class Rooms:
     # --- messages and the AI ---
 
     async def post(
-        self, member: Member, room: str, text: str, *, client_id: str | None, ai: bool
+        self,
+        member: Member,
+        room: str,
+        text: str,
+        *,
+        client_id: str | None,
+        ai: bool,
+        received: float | None = None,
     ) -> Event | None:
         """Append a message; None when ``client_id`` was seen before (a re-send).
 
         Limits are checked before anything is written, so a refused message leaves no trace
-        (its ``client_id`` is not taken) and can simply be sent again after ``retry_after``."""
+        (its ``client_id`` is not taken) and can simply be sent again after ``retry_after``.
+        ``received``: ``time.perf_counter()`` when the transport got the message (default:
+        now), for the reply's admit time."""
+        if received is None:
+            received = time.perf_counter()
         check_room(room)
         ask = ai or bool(_AI_MENTION.search(text))
         msg_id = uuid.uuid4().hex
@@ -316,7 +327,13 @@ class Rooms:
             return None
         if ask:
             try:
-                reply = self.chat.start(question, room, question_id=msg["id"], prefetched=prefetch)
+                reply = self.chat.start(
+                    question,
+                    room,
+                    question_id=msg["id"],
+                    prefetched=prefetch,
+                    received=received,
+                )
             except BaseException:
                 if prefetch is not None:
                     prefetch.cancel()

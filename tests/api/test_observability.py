@@ -124,13 +124,21 @@ def test_metrics_follow_answers_cancels_resumes_and_limits(
             llm.enqueue(["Run ", "`python -m ingest`", " [1]."])
             ws.send_json({"type": "message", "text": "How do I ingest PDF files?"})
             start = until(ws, "ai.start")
-            assert until(ws, "ai.done")["finish_reason"] == "stop"
+            done = until(ws, "ai.done")
+            assert done["finish_reason"] == "stop"
+            # from the question's arrival to the reply's start (the access check, the join,
+            # limits, the question written): measured, and part of what the client waited
+            assert 0 < done["timings"]["admit_ms"] < 10_000
             room = start["conversation_id"]
             m = scrape(client)
             assert value(m, "rag_messages_total", transport="ws") == 1
             assert value(m, "rag_ws_connections") == 1
             assert value(m, "rag_rooms") == 1
             assert value(m, "rag_time_to_first_token_seconds_count") == 1
+            assert value(m, "rag_reply_admit_seconds_count") == 1
+            assert value(m, "rag_reply_admit_seconds_sum") == pytest.approx(
+                done["timings"]["admit_ms"] / 1000, abs=1e-4
+            )
             assert value(m, "rag_inter_token_seconds_count") == 2
             assert value(m, "rag_inter_token_seconds_sum") >= 0.02  # FakeLLM's delay, twice
             assert value(m, "rag_reply_tokens_per_second_count") == 1
@@ -183,6 +191,8 @@ def test_metrics_follow_answers_cancels_resumes_and_limits(
             assert value(m, "rag_messages_total", transport="sse") == 1
             assert value(m, "rag_retrieval_seconds_count") == 3
             assert value(m, "rag_time_to_first_token_seconds_count") == 3
+            assert value(m, "rag_reply_admit_seconds_count") == 3
+            assert sse_events(r.text)[-1]["timings"]["admit_ms"] > 0
 
             # 5. the fourth message in a minute is refused (limit 3): a rate-limit hit
             ws.send_json({"type": "message", "text": "one more", "conversation_id": room})

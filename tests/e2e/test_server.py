@@ -102,6 +102,7 @@ def test_websocket_answer_streams_with_sources_from_the_guide(server: str) -> No
     assert done["finish_reason"] in ("stop", "length")
     assert done["usage"]["completion_tokens"] >= len(tokens) - 1
     assert done["timings"]["ttft_ms"] > 0 and done["timings"]["tokens_per_s"] > 0
+    assert done["timings"]["admit_ms"] > 0  # the question's arrival to the reply's start
 
 
 def test_websocket_cancel_with_the_real_model(server: str) -> None:
