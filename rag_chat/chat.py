@@ -231,6 +231,9 @@ class Reply:
     # time.perf_counter() when the question arrived (the transport's receive): what came
     # before the reply started is its admit time
     received: float | None = None
+    # the conversation's history, read while the question was still being written
+    # (ChatService.prefetch_history); the question is left out of it either way
+    history_read: asyncio.Task[list[StoredMessage]] | None = None
     _generation: Generation | None = None
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # why it was cancelled, sent in ai.done: "user" (stop), "abandoned" (nobody left to read
@@ -271,7 +274,11 @@ class Reply:
         try:
             history = self.history
             if history is None:
-                history = await svc.memory.history(self.conversation_id, svc.history_messages + 1)
+                history = await (
+                    self.history_read
+                    if self.history_read is not None
+                    else svc.memory.history(self.conversation_id, svc.history_messages + 1)
+                )
                 history = [m for m in history if m.get("id") != self.question_id]
                 history = history[-svc.history_messages :] if svc.history_messages else []
             query = rewrite_query(history, self.text) if svc.rewrite else self.text
@@ -525,6 +532,17 @@ class ChatService:
             log.exception("citation check failed; falling back to the lexical check")
             return await asyncio.to_thread(checker.check, answer, hits)
 
+    def prefetch_history(self, conversation_id: str) -> asyncio.Task[list[StoredMessage]]:
+        """Start reading a conversation's history now, beside the writes of its new question
+        (what ``prefetch`` does for retrieval): a reply started with it begins with one Redis
+        round trip fewer. Read before or after the question lands, the reply leaves the
+        question out of it."""
+        task = asyncio.get_running_loop().create_task(
+            self.memory.history(conversation_id, self.history_messages + 1)
+        )
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
     def prefetch(self, text: str) -> asyncio.Task[tuple[list[Hit], float]] | None:
         """Start retrieving for a question now, while the caller still writes it to the room
         log and memory: the Reply started for the same text then waits for this instead of
@@ -556,6 +574,7 @@ class ChatService:
         max_tokens: int | None = None,
         question_id: str | None = None,
         received: float | None = None,
+        history_read: asyncio.Task[list[StoredMessage]] | None = None,
     ) -> Reply:
         text = (text or "").strip()
         if not text:
@@ -577,4 +596,5 @@ class ChatService:
             question_id=question_id,
             prefetched=prefetched,
             received=received,
+            history_read=history_read,
         )

@@ -120,3 +120,47 @@ async def test_a_standalone_question_is_retrieved_once_by_its_prefetch() -> None
     assert asked[-1].endswith("and its size limit?")
     assert asked[-1] != "and its size limit?"  # rewritten with the earlier question's topic
     assert stale is not None and (stale.cancelled() or stale.done())
+
+
+async def test_the_history_read_beside_the_question_is_the_one_the_reply_uses() -> None:
+    """Rooms.post starts reading the history while it writes the question: the reply uses that
+    read (one Redis round trip fewer before its first token), earlier turns included, and
+    leaves the question out whether or not the read saw it."""
+    from rag_chat.chat import ChatService
+    from rag_chat.llm.fake import FakeLLM
+    from rag_chat.memory.base import StoredMessage
+    from rag_chat.memory.local import LocalMemory
+
+    class CountingMemory(LocalMemory):
+        reads = 0
+
+        async def history(
+            self, conversation_id: str, limit: int | None = None
+        ) -> list[StoredMessage]:
+            self.reads += 1
+            return await super().history(conversation_id, limit)
+
+    asked: list[str] = []
+
+    def search(query: str, k: int) -> list[Hit]:
+        asked.append(query)
+        return [Hit("c", 0.5, "Files up to 50 MB [1].", {"source": "a.md"}, 0.9)]
+
+    memory = CountingMemory()
+    llm = FakeLLM(["Up to 50 MB [1]."])
+    chat = ChatService(llm, memory, search)
+    await memory.append(
+        "conv",
+        {"id": "q0", "role": "user", "content": "How do I ingest PDFs?"},
+        {"id": "a0", "role": "assistant", "content": "Run python -m ingest."},
+    )
+    read = chat.prefetch_history("conv")
+    await memory.append("conv", {"id": "q1", "role": "user", "content": "and its size limit?"})
+    reply = chat.start("and its size limit?", "conv", question_id="q1", history_read=read)
+    events = [e async for e in reply.events()]
+    assert events[-1]["type"] == "ai.done"
+    assert memory.reads == 1  # the reply did not read the history again
+    assert asked == ["ingest PDFs and its size limit?"]  # the earlier turn, from that read
+    prompt = [m["content"] for m in llm.calls[-1]]
+    assert "Run python -m ingest." in prompt
+    assert sum("and its size limit?" in m for m in prompt) == 1  # the question once, not twice

@@ -67,6 +67,12 @@ class Member:
         return self.key or f"user:{self.user}"
 
 
+def _cancel(*tasks: asyncio.Task[Any] | None) -> None:
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+
+
 class ReplyWriter:
     """Appends one reply's events to its room log, in order, one append in flight at a time.
 
@@ -304,24 +310,22 @@ class Rooms:
         # log, memory): time to first token. The message limit above still bounds the work a
         # caller can cause; a refused answer only cancels its retrieval.
         prefetch = self.chat.prefetch(question) if ask else None
+        history = self.chat.prefetch_history(room) if ask else None
         if ask and self.limits is not None:
             try:
                 await self.limits.reply_started(who, msg_id)
             except BaseException:
-                if prefetch is not None:
-                    prefetch.cancel()
+                _cancel(prefetch, history)
                 raise
         try:
             msg = await self._append_message(member, room, text, msg_id, client_id, ask)
         except BaseException:
-            if prefetch is not None:
-                prefetch.cancel()
+            _cancel(prefetch, history)
             if ask and self.limits is not None:
                 await self.limits.reply_finished(who, msg_id)
             raise
         if msg is None:
-            if prefetch is not None:
-                prefetch.cancel()
+            _cancel(prefetch, history)
             if ask and self.limits is not None:
                 await self.limits.reply_finished(who, msg_id)
             return None
@@ -333,10 +337,10 @@ class Rooms:
                     question_id=msg["id"],
                     prefetched=prefetch,
                     received=received,
+                    history_read=history,
                 )
             except BaseException:
-                if prefetch is not None:
-                    prefetch.cancel()
+                _cancel(prefetch, history)
                 if self.limits is not None:
                     await self.limits.reply_finished(who, msg_id)
                 raise
