@@ -24,11 +24,12 @@ tokens for a client that falls behind — counts them as arriving together); err
 every token arrived (each answer's text is exactly ``t0 t1 … t199``; an answer the
 server gives as "don't know", having found nothing relevant, is whole without the LLM and
 counts apart); where TTFT went (p50/p99 of each part, from ``ai.done``'s timings): admit
-(the question's arrival → its reply's start), the reply's start → its first token, and the rest
-(the question's way in and the first token's way out); CPU taken by the load generator, the server, its search process, the token
-server and Redis (/proc); the server's own event-loop lag p99
-(its /metrics histogram: a bucket bound) and the load generator's. A level *holds* when p99 gap
-≤ 100 ms, p99 TTFT ≤ 300 ms, no errors and every token arrived; ``--sweep`` reports the knee.
+(the question's arrival → its reply's start), the reply's start → its first token, and the
+rest (the question's way in and the first token's way out); CPU taken by the load generator,
+the server, its search process, the token server and Redis (/proc); the server's own
+event-loop lag p99 (its /metrics histogram: a bucket bound) and the load generator's. A level
+*holds* when p99 gap ≤ 100 ms, p99 TTFT ≤ 300 ms, no errors and every token arrived;
+``--sweep`` reports the knee.
 
 ``--idle N``: memory per idle connection: the server's RSS before, with N open WebSockets, and
 with each of them also joined to a private conversation (what the browser UI does), divided by N.
