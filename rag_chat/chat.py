@@ -277,7 +277,7 @@ class Reply:
                 history = await (
                     self.history_read
                     if self.history_read is not None
-                    else svc.memory.history(self.conversation_id, svc.history_messages + 1)
+                    else svc.read_history(self.conversation_id)
                 )
                 history = [m for m in history if m.get("id") != self.question_id]
                 history = history[-svc.history_messages :] if svc.history_messages else []
@@ -357,7 +357,7 @@ class Reply:
                 "timings": {
                     "admit_ms": _ms(admit_ms),
                     "retrieval_ms": round(retrieval_ms, 1),
-                    "ttft_ms": round(ttft, 1) if ttft is not None else None,
+                    "ttft_ms": _ms(ttft),
                     "total_ms": round((time.perf_counter() - started) * 1000, 1),
                     "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s is not None else None,
                     "citation_check_ms": round(check_ms, 1),
@@ -532,14 +532,17 @@ class ChatService:
             log.exception("citation check failed; falling back to the lexical check")
             return await asyncio.to_thread(checker.check, answer, hits)
 
+    async def read_history(self, conversation_id: str) -> list[StoredMessage]:
+        """What a reply reads of its conversation: its history turns, plus one (the question,
+        which the reply leaves out when it is there)."""
+        return await self.memory.history(conversation_id, self.history_messages + 1)
+
     def prefetch_history(self, conversation_id: str) -> asyncio.Task[list[StoredMessage]]:
         """Start reading a conversation's history now, beside the writes of its new question
         (what ``prefetch`` does for retrieval): a reply started with it begins with one Redis
         round trip fewer. Read before or after the question lands, the reply leaves the
         question out of it."""
-        task = asyncio.get_running_loop().create_task(
-            self.memory.history(conversation_id, self.history_messages + 1)
-        )
+        task = asyncio.get_running_loop().create_task(self.read_history(conversation_id))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
