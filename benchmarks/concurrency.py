@@ -51,10 +51,12 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -560,6 +562,16 @@ async def idle_test(args: argparse.Namespace, server: Any) -> dict[str, Any]:
     return result
 
 
+def run_loop(args: argparse.Namespace, coro: Coroutine[Any, Any, T]) -> T:
+    """The load generator's loop: uvloop (what the server runs on) unless ``--asyncio-loop``."""
+    if args.asyncio_loop:
+        return asyncio.run(coro)
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, help="an ingested RAG_DATA_DIR (≥ 10,000 chunks)")
@@ -579,6 +591,11 @@ def main() -> int:
         dest="deflate",
         action="store_false",
         help="no permessage-deflate (browsers offer it; so does this client by default)",
+    )
+    parser.add_argument(
+        "--asyncio-loop",
+        action="store_true",
+        help="the load generator on asyncio's own loop (default: uvloop, like the server)",
     )
     parser.add_argument("--idle", type=int, help="instead: memory per idle connection, N of them")
     parser.add_argument("--settle", type=float, default=3.0, help="idle: seconds before RSS")
@@ -615,7 +632,7 @@ def main() -> int:
         server = start_rag_chat(logs, data_dir, args.collection, token.url + "/v1", prefix)
         wait_ready([server], "/readyz")
         if args.idle:
-            result = asyncio.run(idle_test(args, server))
+            result = run_loop(args, idle_test(args, server))
             path = save_json(
                 f"concurrency_idle{args.tag}.json",
                 {
@@ -626,7 +643,7 @@ def main() -> int:
             )
             print(f"\nraw figures: {path}")
             return 0
-        levels = asyncio.run(load_test(args, server, token))
+        levels = run_loop(args, load_test(args, server, token))
     finally:
         if server is not None:
             server.stop()
