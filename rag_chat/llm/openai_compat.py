@@ -265,7 +265,8 @@ class _OpenAIGeneration(Generation):
             # is read here: an OpenAI chunk is a few fields, and building the SDK's model of
             # each one cost more than all the rest of relaying it to the clients
             response = await self._open(stack, model)  # closed on cancel: the server stops
-            async for chunk in _chunks(response, llm.base_url):
+            read = _Read()
+            async for chunk in _chunks(response, llm.base_url, read):
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     usage_seen = True
@@ -284,8 +285,12 @@ class _OpenAIGeneration(Generation):
                     # one network read, and parsing all of it first delays the first token
                     # by as long as the parsing takes. (Yielding only every 32 deltas
                     # streamed 4x faster but added ~3 ms to the next answer's first token,
-                    # benchmarks/relay_overhead.py side by side.)
-                    await asyncio.sleep(0)
+                    # benchmarks/relay_overhead.py side by side.) With nothing more of this
+                    # read to parse, the next read yields anyway: a paced model's token comes
+                    # alone, and a second turn of the loop for it would cost one more wake-up
+                    # per token for nothing.
+                    if read.more:
+                        await asyncio.sleep(0)
                 if choice.get("finish_reason") == "length":
                     reason = "length"
         if not usage_seen:
@@ -342,9 +347,21 @@ def _aiohttp_body(response: Any) -> aiohttp.ClientResponse | None:
     return body if isinstance(body, aiohttp.ClientResponse) else None
 
 
-async def _lines(response: Any) -> AsyncIterator[str]:
+class _Read:
+    """Whether lines of the read that gave the last line are still to come (``_lines`` keeps
+    it; True where it cannot tell)."""
+
+    __slots__ = ("more",)
+
+    def __init__(self) -> None:
+        self.more = True
+
+
+async def _lines(response: Any, read: _Read | None = None) -> AsyncIterator[str]:
     """The event stream's lines (without their ends), then one empty line: the end of the
-    body dispatches an event that had no blank line after it."""
+    body dispatches an event that had no blank line after it. ``read.more`` says, with each
+    line, whether more lines of the same network read follow it."""
+    read = read or _Read()
     body = _aiohttp_body(response)
     if body is None:
         async for line in response.iter_lines():
@@ -367,20 +384,26 @@ async def _lines(response: Any) -> AsyncIterator[str]:
         *lines, tail = data.split(b"\n")
         # a held-back CR ends ``tail`` as a line whatever comes next
         rest = tail + b"\r" if rest else tail
-        for line in lines:
+        last = len(lines) - 1
+        for i, line in enumerate(lines):
+            read.more = i < last
             yield line.decode("utf-8", "replace")
+    read.more = True
     if rest.rstrip(b"\r"):
         yield rest.rstrip(b"\r").decode("utf-8", "replace")
     yield ""
 
 
-async def _chunks(response: Any, base_url: str) -> AsyncIterator[dict[str, Any]]:
+async def _chunks(
+    response: Any, base_url: str, read: _Read | None = None
+) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of a chat-completion event stream (Server-Sent Events), up to
-    ``[DONE]``; an ``error`` event or an ``{"error": ...}`` object raises LLMError."""
+    ``[DONE]``; an ``error`` event or an ``{"error": ...}`` object raises LLMError. ``read``:
+    as for ``_lines`` (an object is dispatched by the blank line after it)."""
     event = ""
     data: list[str] = []
     try:
-        async for line in _lines(response):
+        async for line in _lines(response, read):
             if line:
                 field, _, value = line.partition(":")
                 value = value[1:] if value.startswith(" ") else value

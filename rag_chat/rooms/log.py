@@ -78,6 +78,13 @@ class RoomLog(Protocol):
         """``events`` appended in order, atomically, with consecutive seqs."""
         ...
 
+    def append_soon(self, room: str, events: Sequence[Event]) -> asyncio.Future[Any]:
+        """``append_many`` without a coroutine for the caller to run: the future is done
+        when the events are in the log (its result is not theirs: they are not returned) or
+        failed; cancelling it drops the events if they have not gone out yet. What a reply
+        relaying a token to the log costs the event loop, per token."""
+        ...
+
     async def since(self, room: str, after: int, limit: int = LOG_MAXLEN) -> list[Event]: ...
 
     def live(self) -> AsyncGenerator[list[Event], None]:
@@ -230,11 +237,16 @@ class _Batcher:
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def run(self, keys: list[str], args: list[Any]) -> Any:
+        return await self.submit(keys, args)
+
+    def submit(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """The script's result, when the pipeline it goes out in has its reply (cancel the
+        future to drop a call not sent yet)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((keys, args, future))
         self._schedule(loop)
-        return await future
+        return future
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._scheduled and self._queue and len(self._flushes) < MAX_FLUSHES:
@@ -326,11 +338,18 @@ class RedisRoomLog:
             return []
         now = time.time()
         events = [{**e, "ts": e.get("ts") or now} for e in events]
-        first = await self._batch.run(
+        first = await self._submit(room, events)
+        return [_stamp(room, int(first) + i, e) for i, e in enumerate(events, 1)]
+
+    def append_soon(self, room: str, events: Sequence[Event]) -> asyncio.Future[Any]:
+        now = time.time()
+        return self._submit(room, [{**e, "ts": e.get("ts") or now} for e in events])
+
+    def _submit(self, room: str, events: Sequence[Event]) -> asyncio.Future[Any]:
+        return self._batch.submit(
             list(self._keys(room)),
             [*(_encode(e) for e in events), LOG_MAXLEN, LOG_TTL_S, self.channel, room],
         )
-        return [_stamp(room, int(first) + i, e) for i, e in enumerate(events, 1)]
 
     async def since(self, room: str, after: int, limit: int = LOG_MAXLEN) -> list[Event]:
         key = self._keys(room)[0]
@@ -505,6 +524,9 @@ class LocalRoomLog:
         if out:
             self._publish(out)
         return out
+
+    def append_soon(self, room: str, events: Sequence[Event]) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.append_many(room, events))
 
     def _publish(self, events: list[Event]) -> None:
         for queue in self._listeners:

@@ -19,7 +19,7 @@ replays exactly what it missed, including the rest of an answer still streaming.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import re
 import time
@@ -76,13 +76,17 @@ def _cancel(*tasks: asyncio.Task[Any] | None) -> None:
 class ReplyWriter:
     """Appends one reply's events to its room log, in order, one append in flight at a time.
 
-    ``put`` never waits for Redis: events that come while an append is on its way gather and
-    go out together in the next one (one round trip, one seq each). Tokens that come while a
-    token of the answer is on its way become one ``ai.token`` (their deltas concatenated): a
-    model faster than the round trip costs one append per round trip, not one per token,
-    and one slower than it still has each token go out alone as soon as it comes. A failed
-    append is raised by the next ``put`` or by ``close``; ``tokens`` counts the tokens the
-    log has taken."""
+    ``put`` never waits for Redis: events put in one turn of the event loop go out together,
+    and events that come while an append is on its way gather and go out together in the next
+    one (one round trip, one seq each). Tokens that come while a token of the answer is on its
+    way become one ``ai.token`` (their deltas concatenated): a model faster than the round trip
+    costs one append per round trip, not one per token, and one slower than it still has each
+    token go out alone as soon as it comes. A failed append is raised by the next ``put`` or
+    by ``close``; ``tokens`` counts the tokens the log has taken.
+
+    No task of its own: an append starts from a callback (``append_soon``) and the next one
+    from the callback of its reply, which spares the event loop two task wake-ups per token
+    (a writer task woken by ``put`` and again by the reply)."""
 
     def __init__(self, room_log: RoomLog, room: str) -> None:
         self.log = room_log
@@ -91,10 +95,10 @@ class ReplyWriter:
         self._pending: list[Event] = []
         self._pending_tokens = 0
         self._sending_tokens = False  # the append in flight carries a token
-        self._wake = asyncio.Event()
-        self._closed = False
+        self._scheduled: asyncio.Handle | None = None
+        self._inflight: asyncio.Future[Any] | None = None
         self._error: BaseException | None = None
-        self._task = asyncio.create_task(self._run(), name=f"reply-writer:{room}")
+        self._aborted = False
 
     def put(self, event: Event) -> None:
         if self._error is not None:
@@ -110,41 +114,59 @@ class ReplyWriter:
                     pending[-1] = {**last, "delta": last["delta"] + event["delta"]}
                     return
         pending.append(event)
-        self._wake.set()
+        if self._inflight is None and self._scheduled is None and not self._aborted:
+            self._scheduled = asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        self._scheduled = None
+        if not self._pending or self._aborted:
+            return
+        batch, self._pending = self._pending, []
+        count, self._pending_tokens = self._pending_tokens, 0
+        self._sending_tokens = count > 0
+        inflight = self._inflight = self.log.append_soon(self.room, batch)
+        inflight.add_done_callback(functools.partial(self._sent, count))
+
+    def _sent(self, count: int, inflight: asyncio.Future[Any]) -> None:
+        self._inflight = None
+        self._sending_tokens = False
+        if inflight.cancelled():
+            if not self._aborted:
+                self._error = MemoryUnavailable("room event not written (cancelled)")
+            return
+        error = inflight.exception()
+        if error is not None:
+            self._error = error
+            return
+        self.tokens += count
+        if self._pending:
+            self._send()
 
     async def close(self) -> None:
         """Wait until everything put is in the log (or raise why it is not)."""
-        self._closed = True
-        self._wake.set()
-        await asyncio.shield(self._task)
-        if self._error is not None:
-            raise self._error
+        while True:
+            if self._error is not None:
+                raise self._error
+            inflight = self._inflight
+            if inflight is None:
+                if not self._pending or self._aborted:
+                    return
+                if self._scheduled is not None:
+                    self._scheduled.cancel()
+                self._send()
+                continue
+            await asyncio.wait((inflight,))
 
     async def abort(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closed:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch, self._pending = self._pending, []
-            count, self._pending_tokens = self._pending_tokens, 0
-            self._sending_tokens = count > 0
-            try:
-                await self.log.append_many(self.room, batch)
-            except Exception as exc:  # raised to the reply by the next put() or close()
-                self._error = exc
-                return
-            finally:
-                self._sending_tokens = False
-            self.tokens += count
+        """Drop what is not in the log yet (an append on its way may still land)."""
+        self._aborted = True
+        self._pending = []
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            inflight.cancel()
 
 
 class Rooms:

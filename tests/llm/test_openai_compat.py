@@ -399,3 +399,27 @@ async def test_line_ends_and_events_cut_across_reads(line_end: str, piece: int) 
             assert (usage.prompt_tokens, usage.completion_tokens) == (11, 2)
         finally:
             await llm.aclose()
+
+
+async def test_the_reader_is_told_when_a_read_has_more_lines() -> None:
+    """``_Read.more`` (whether the pump yields to the loop after a token): True between the
+    lines of one network read, False at its last line: an event that came alone (a paced
+    model's token) costs no extra turn of the loop, events that came together are still handed
+    on one by one."""
+    with run_stub(gap_s=0.3) as (url, _):  # the first event, a pause, then the rest at once
+        llm = OpenAICompatLLM(url, model="stub-model")
+        try:
+            async with llm._client.chat.completions.with_streaming_response.create(
+                model="stub-model", messages=[{"role": "user", "content": "hi"}], stream=True
+            ) as response:
+                read = openai_compat._Read()
+                seen = [(line, read.more) async for line in openai_compat._lines(response, read)]
+        finally:
+            await llm.aclose()
+    blanks = [more for line, more in seen if line == ""]
+    # the first event's blank line ends its read; the next two blank lines have more of the
+    # second read after them; the last line is the end of the body
+    assert seen[0][0].startswith("data: {") and seen[0][1] is True
+    assert blanks[0] is False and blanks[1] is True and blanks[2] is True
+    assert seen[-2] == ("data: [DONE]", False)
+    assert seen[-1] == ("", True)

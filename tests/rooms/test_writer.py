@@ -191,3 +191,38 @@ async def test_a_failed_append_reaches_the_reply() -> None:
         await writer.close()
     assert writer.tokens == 0
     await writer.abort()
+
+
+async def test_a_writer_over_redis_logs_every_token_in_order(redis_log: RedisRoomLog) -> None:
+    """The writer against the real log (no task of its own: each append starts from a
+    callback): a paced answer and a burst, with replies from Redis coming between the tokens,
+    end up in the log whole and in order, each token once."""
+    writer = ReplyWriter(redis_log, "w")
+    writer.put({"type": "ai.start", "message_id": "m"})
+    for n in range(30):
+        writer.put(token(n))
+        if n % 3 == 0:
+            await asyncio.sleep(0.002)  # a reply from Redis may come in between
+    writer.put({"type": "ai.done", "message_id": "m"})
+    await writer.close()
+    logged = await redis_log.since("w", 0)
+    assert logged[0]["type"] == "ai.start" and logged[-1]["type"] == "ai.done"
+    deltas = "".join(e["delta"] for e in logged if e["type"] == "ai.token")
+    assert deltas == "".join(f"t{n} " for n in range(30))
+    assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1))
+    assert writer.tokens == 30
+
+
+async def test_abort_drops_what_has_not_gone_out() -> None:
+    log = SlowLog(delay=0.05)
+    writer = ReplyWriter(log, "r")
+    writer.put(token(0))
+    await asyncio.sleep(0.01)  # t0 is on its way
+    writer.put(token(1))  # waits for t0's reply
+    await writer.abort()
+    await writer.close()  # nothing left to wait for, no error
+    await asyncio.sleep(0.1)
+    assert log.batches == [["ai.token"]]  # t1 never went out
+    writer.put(token(2))  # after abort: taken, never sent
+    await asyncio.sleep(0.1)
+    assert log.batches == [["ai.token"]]
