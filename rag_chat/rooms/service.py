@@ -124,7 +124,13 @@ class ReplyWriter:
         batch, self._pending = self._pending, []
         count, self._pending_tokens = self._pending_tokens, 0
         self._sending_tokens = count > 0
-        inflight = self._inflight = self.log.append_soon(self.room, batch)
+        try:
+            inflight = self.log.append_soon(self.room, batch)
+        except Exception as exc:  # an event that cannot be encoded, say: raised to the reply
+            self._error = exc
+            self._sending_tokens = False
+            return
+        self._inflight = inflight
         inflight.add_done_callback(functools.partial(self._sent, count))
 
     def _sent(self, count: int, inflight: asyncio.Future[Any]) -> None:

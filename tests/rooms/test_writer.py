@@ -226,3 +226,15 @@ async def test_abort_drops_what_has_not_gone_out() -> None:
     writer.put(token(2))  # after abort: taken, never sent
     await asyncio.sleep(0.1)
     assert log.batches == [["ai.token"]]
+
+
+async def test_an_append_that_cannot_start_reaches_the_reply(redis_log: RedisRoomLog) -> None:
+    """An event the log cannot even encode fails the reply (next put or close) instead of
+    vanishing in a callback."""
+    writer = ReplyWriter(redis_log, "bad")
+    writer.put({"type": "ai.token", "message_id": "m", "delta": object()})
+    with pytest.raises(TypeError):
+        await writer.close()
+    with pytest.raises(TypeError):
+        writer.put(token(1))
+    assert await redis_log.since("bad", 0) == []
