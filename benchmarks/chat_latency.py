@@ -3,11 +3,14 @@
     .venv/bin/python benchmarks/chat_latency.py [--runs 5]
 
 1. Ingests data/ into a temporary data dir and starts ``python -m rag_chat`` on a free port
-   (Redis DB 13, its own key prefix). Asks QUESTION over the WebSocket RUNS times, each in a
-   new conversation; the client measures send → first ``ai.token`` and tokens/s over the stream.
-2. Stops the server, rebuilds exactly the prompt the server sent (same retrieval, same
-   prompt builder) and streams it RUNS times straight from llama-cpp-python (same GGUF, same
-   context size, threads, max_tokens and temperature).
+   (Redis DB 13, its own key prefix); the client asks QUESTION over the WebSocket, each time in
+   a new conversation, and measures send → first ``ai.token`` and tokens/s over the stream.
+2. Beside it, in this process: exactly the prompt the server sends (same retrieval, same
+   prompt builder), streamed straight from llama-cpp-python (same GGUF, same context size,
+   threads, max_tokens and temperature).
+The two alternate, RUNS times each (the order swapped every other round), so that the
+machine's drift in speed falls on both sides; the idle server costs nothing while the raw
+model runs.
 Prints medians and the ratios server/raw: tokens/s over whole answers, and over the first K
 tokens of every answer (K the shortest answer), since answers of different lengths decode at
 different speeds and sampling makes the two sides' lengths differ.
@@ -52,9 +55,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def through_server(url: str, runs: int) -> Rows:
+def through_server(url: str, runs: int, first: int = 0) -> Rows:
     out = []
-    for i in range(runs):
+    for i in range(first, first + runs):
         with connect(url.replace("http", "ws") + "/ws", open_timeout=10) as ws:
             t0 = time.perf_counter()
             ws.send(json.dumps({"type": "message", "text": QUESTION, "conversation_id": f"b{i}"}))
@@ -134,7 +137,20 @@ def main() -> int:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.5)
-            served = through_server(url, args.runs)
+            retriever = Retriever(settings)
+            llm = LlamaCppLLM()
+            asyncio.run(llm.load())
+            hits = retriever.search(QUESTION, settings.top_k, "hybrid")
+            prompt = build_prompt(llm, QUESTION, hits, [], ANSWER_TOKENS)
+            served: Rows = []
+            direct: Rows = []
+            for i in range(args.runs):
+                if i % 2 == 0:
+                    served += through_server(url, 1, first=i)
+                    direct += raw(prompt.messages, llm, 1)
+                else:
+                    direct += raw(prompt.messages, llm, 1)
+                    served += through_server(url, 1, first=i)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -142,13 +158,6 @@ def main() -> int:
             keys = list(r.scan_iter(f"{prefix}*"))
             if keys:
                 r.delete(*keys)
-
-        retriever = Retriever(settings)
-        llm = LlamaCppLLM()
-        asyncio.run(llm.load())
-        hits = retriever.search(QUESTION, settings.top_k, "hybrid")
-        prompt = build_prompt(llm, QUESTION, hits, [], ANSWER_TOKENS)
-        direct = raw(prompt.messages, llm, args.runs)
 
     def med(rows: Rows, i: int) -> float:
         return statistics.median(float(r[i]) for r in rows)  # type: ignore[arg-type]
