@@ -55,25 +55,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def through_server(url: str, runs: int, first: int = 0) -> Rows:
-    out = []
-    for i in range(first, first + runs):
-        with connect(url.replace("http", "ws") + "/ws", open_timeout=10) as ws:
-            t0 = time.perf_counter()
-            ws.send(json.dumps({"type": "message", "text": QUESTION, "conversation_id": f"b{i}"}))
-            times: list[float] = []
-            while True:
-                event = json.loads(ws.recv(timeout=300))
-                if event["type"] == "ai.token":
-                    times.append(time.perf_counter())
-                elif event["type"] in ("ai.done", "error"):
-                    assert event["type"] == "ai.done", event
-                    # one frame per token (a slow model's tokens are never merged): the
-                    # prefix comparison below needs each token's arrival
-                    assert event["usage"]["completion_tokens"] == len(times), event["usage"]
-                    break
-        out.append(row(t0, times))
-    return out
+def through_server(url: str, conversation: str) -> Row:
+    """One answer through the server, in a new conversation."""
+    with connect(url.replace("http", "ws") + "/ws", open_timeout=10) as ws:
+        t0 = time.perf_counter()
+        ws.send(json.dumps({"type": "message", "text": QUESTION, "conversation_id": conversation}))
+        times: list[float] = []
+        while True:
+            event = json.loads(ws.recv(timeout=300))
+            if event["type"] == "ai.token":
+                times.append(time.perf_counter())
+            elif event["type"] in ("ai.done", "error"):
+                assert event["type"] == "ai.done", event
+                # one frame per token (a slow model's tokens are never merged): the
+                # prefix comparison below needs each token's arrival
+                assert event["usage"]["completion_tokens"] == len(times), event["usage"]
+                break
+    return row(t0, times)
 
 
 def row(t0: float, times: list[float]) -> Row:
@@ -91,25 +89,23 @@ def prefix_rate(rows: Rows, k: int) -> float:
     return statistics.median((k - 1) / r[3][k - 1] for r in rows)
 
 
-def raw(messages: list[dict[str, str]], llm: LlamaCppLLM, runs: int) -> Rows:
+def raw(messages: list[dict[str, str]], llm: LlamaCppLLM) -> Row:
+    """One answer straight from llama-cpp-python."""
     llama = llm._load_sync()
-    out = []
-    for _ in range(runs):
-        # llama.cpp reuses the KV cache of an identical prompt prefix: clear it, or every run
-        # after the first skips the prompt (the server's prompts differ run to run)
-        llama.reset()
-        t0 = time.perf_counter()
-        times: list[float] = []
-        for chunk in llama.create_chat_completion(
-            messages,  # type: ignore[arg-type]
-            stream=True,
-            max_tokens=ANSWER_TOKENS,
-            temperature=TEMPERATURE,
-        ):
-            if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index]
-                times.append(time.perf_counter())
-        out.append(row(t0, times))
-    return out
+    # llama.cpp reuses the KV cache of an identical prompt prefix: clear it, or every run
+    # after the first skips the prompt (the server's prompts differ run to run)
+    llama.reset()
+    t0 = time.perf_counter()
+    times: list[float] = []
+    for chunk in llama.create_chat_completion(
+        messages,  # type: ignore[arg-type]
+        stream=True,
+        max_tokens=ANSWER_TOKENS,
+        temperature=TEMPERATURE,
+    ):
+        if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index]
+            times.append(time.perf_counter())
+    return row(t0, times)
 
 
 def main() -> int:
@@ -145,12 +141,11 @@ def main() -> int:
             served: Rows = []
             direct: Rows = []
             for i in range(args.runs):
-                if i % 2 == 0:
-                    served += through_server(url, 1, first=i)
-                    direct += raw(prompt.messages, llm, 1)
-                else:
-                    direct += raw(prompt.messages, llm, 1)
-                    served += through_server(url, 1, first=i)
+                if i % 2:  # every other round the raw model goes first
+                    direct.append(raw(prompt.messages, llm))
+                served.append(through_server(url, f"b{i}"))
+                if not i % 2:
+                    direct.append(raw(prompt.messages, llm))
         finally:
             server.terminate()
             server.wait(timeout=30)

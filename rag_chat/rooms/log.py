@@ -117,6 +117,12 @@ def live_channel(prefix: str) -> str:
     return f"{prefix}room-events"
 
 
+def _timed(events: Sequence[Event]) -> list[Event]:
+    """The events, each with a ``ts`` (its own, or now)."""
+    now = time.time()
+    return [{**e, "ts": e.get("ts") or now} for e in events]
+
+
 def _stamp(room: str, seq: int, event: Event) -> Event:
     return {**event, "room": room, "seq": seq}
 
@@ -336,14 +342,12 @@ class RedisRoomLog:
     async def append_many(self, room: str, events: Sequence[Event]) -> list[Event]:
         if not events:
             return []
-        now = time.time()
-        events = [{**e, "ts": e.get("ts") or now} for e in events]
+        events = _timed(events)
         first = await self._submit(room, events)
         return [_stamp(room, int(first) + i, e) for i, e in enumerate(events, 1)]
 
     def append_soon(self, room: str, events: Sequence[Event]) -> asyncio.Future[Any]:
-        now = time.time()
-        return self._submit(room, [{**e, "ts": e.get("ts") or now} for e in events])
+        return self._submit(room, _timed(events))
 
     def _submit(self, room: str, events: Sequence[Event]) -> asyncio.Future[Any]:
         return self._batch.submit(
