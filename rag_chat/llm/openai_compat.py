@@ -1,7 +1,7 @@
 """Any OpenAI-compatible chat server (vLLM, llama.cpp's server, Ollama, OpenAI itself).
 
-The stream is read by a pump task that feeds a queue; cancelling the pump closes the HTTP
-response, and servers stop generating when their client disconnects. The official SDK sends
+The stream is read by the task that iterates the answer; cancelling closes the HTTP response,
+and servers stop generating when their client disconnects. The official SDK sends
 the request (through its aiohttp transport); the event stream it answers with is read from the
 aiohttp response and parsed here (orjson, plain dicts).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -169,11 +169,14 @@ def _short(exc: BaseException) -> str:
     return line[:200]
 
 
-# what the pump posts: a delta, or the end (a finish reason or an error)
-_Item = tuple[str, str | FinishReason | BaseException]
-
-
 class _OpenAIGeneration(Generation):
+    """The answer's stream, read by the task that iterates it, with no task or queue of its
+    own in between: a second task woken for every token cost a few percent of the event loop
+    with hundreds of answers streaming. Only sending the request runs as a task of its own,
+    so that ``cancel()`` can abort it without touching the caller's task; once the response
+    is open, ``cancel()`` closes it, which ends the read at once and tells the server, which
+    stops generating."""
+
     def __init__(
         self,
         llm: OpenAICompatLLM,
@@ -190,8 +193,8 @@ class _OpenAIGeneration(Generation):
         self._stop = stop
         self._cancelled = False
         self._ended = False
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[Any] | None = None
+        self._response: Any = None
 
     async def cancel(self) -> None:
         if self._ended:
@@ -200,14 +203,27 @@ class _OpenAIGeneration(Generation):
         if not self._iterated:
             self._end("cancelled")
             return
-        if self._queue is not None:
-            self._queue.put_nowait(("end", "cancelled"))
-        pump = self._pump
-        if pump is not None and not pump.done():
-            pump.cancel()
-            # cancelling the pump closes the response; wait for it so that the server has
-            # seen the disconnect when cancel() returns
-            await asyncio.wait({pump}, timeout=CANCEL_WAIT_S)
+        opening = self._opening
+        if opening is not None and not opening.done():
+            # the request is still on its way: abort it, and wait for its connection to close
+            opening.cancel()
+            await asyncio.wait({opening}, timeout=CANCEL_WAIT_S)
+        response = self._response
+        if response is not None:
+            body = _aiohttp_body(response)
+            if body is not None:
+                # the read waiting on it, if any, fails at once (the iteration ends
+                # "cancelled"); the socket closes a turn of the loop later: wait for it, so
+                # that the server has seen the client go when cancel() returns
+                connection = body.connection
+                protocol = connection.protocol if connection is not None else None
+                closed = protocol.closed if protocol is not None else None
+                body.close()
+                if closed is not None:
+                    closed.add_done_callback(_retrieve)
+                    await asyncio.wait({closed}, timeout=CANCEL_WAIT_S)
+            else:  # another transport: close it the SDK's way
+                await asyncio.wait({asyncio.ensure_future(response.close())}, timeout=CANCEL_WAIT_S)
 
     def _end(self, reason: FinishReason | None) -> None:
         self._ended = True
@@ -217,92 +233,104 @@ class _OpenAIGeneration(Generation):
     async def _deltas(self) -> AsyncIterator[str]:
         if self._ended:
             return
-        queue = self._queue = asyncio.Queue()
-        pump = self._pump = asyncio.create_task(self._run_pump(queue))
         try:
-            while True:
-                kind, value = await queue.get()
-                if self._cancelled:
+            async with contextlib.AsyncExitStack() as stack:
+                response = await self._open_unless_cancelled(stack)
+                if response is None:
                     self._end("cancelled")
                     return
-                if kind == "delta":
-                    assert isinstance(value, str)
-                    yield value
-                elif isinstance(value, BaseException):
-                    self._end(None)
-                    raise value
-                else:
-                    self._end(value)  # type: ignore[arg-type]
-                    return
+                self._response = response
+                reason: FinishReason = "stop"
+                usage_seen = False
+                read = _Read()
+                chunks = _chunks(response, self._llm.base_url, read)
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        if self._cancelled:  # what this read still held is not wanted
+                            break
+                        usage = chunk.get("usage")
+                        if isinstance(usage, dict):
+                            usage_seen = True
+                            self.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                            self.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
+                        choices = chunk.get("choices")
+                        if not choices or not isinstance(choices, list):
+                            continue
+                        choice = choices[0]
+                        delta = choice.get("delta")
+                        content = delta.get("content") if isinstance(delta, dict) else None
+                        if content:
+                            self.produced += 1
+                            yield str(content)
+                            # let what the consumer started with it (a log append scheduled
+                            # for the loop's next turn) go out before the rest of this read
+                            # is parsed: a fast server's whole answer can sit in one network
+                            # read. (Yielding only every 32 deltas streamed 4x faster but
+                            # added ~3 ms to the next answer's first token,
+                            # benchmarks/relay_overhead.py side by side.) With nothing more
+                            # of this read to parse, the next read yields anyway: a paced
+                            # model's token comes alone.
+                            if read.more:
+                                await asyncio.sleep(0)
+                        if choice.get("finish_reason") == "length":
+                            reason = "length"
+            if self._cancelled:
+                self._end("cancelled")
+                return
+            if not usage_seen:
+                # the server sent no usage: estimate it the way count_tokens does
+                self.usage.prompt_tokens = sum(
+                    self._llm.count_tokens(m.get("content", "")) for m in self._messages
+                )
+                self.usage.completion_tokens = self.produced
+            self._end(reason)
+        except Exception as exc:
+            if self._cancelled:  # closing the response ends its read with an error
+                self._end("cancelled")
+                return
+            self._end(None)
+            raise self._as_llm_error(exc) from exc
         finally:
-            if not pump.done():
-                # the consumer left early or its task was cancelled: drop the connection
-                pump.cancel()
-                await asyncio.wait({pump}, timeout=CANCEL_WAIT_S)
+            # the consumer left early (GeneratorExit) or its task was cancelled: the stack
+            # has closed the response, and with it the connection
+            self._response = None
             if not self._ended:
                 self._end("cancelled")
 
-    async def _run_pump(self, queue: asyncio.Queue[_Item]) -> None:
+    def _as_llm_error(self, exc: Exception) -> LLMError:
+        if isinstance(exc, LLMError):
+            return exc
+        if isinstance(exc, openai.OpenAIError):
+            return self._llm._error(exc)
+        # a malformed chunk, say: still one error type for callers
+        return LLMError(f"the LLM server at {self._llm.base_url} failed: {_short(exc)}")
+
+    async def _open_unless_cancelled(self, stack: contextlib.AsyncExitStack) -> Any:
+        """The open response, or None when ``cancel()`` came first. The request is sent by a
+        task of its own, which ``cancel()`` may cancel; the caller's task is never touched."""
+        if self._cancelled:
+            return None
+        opening = self._opening = asyncio.ensure_future(self._open(stack))
         try:
-            end: FinishReason | BaseException = await self._pump_stream(queue)
-        except asyncio.CancelledError:
+            await asyncio.wait({opening})
+        except asyncio.CancelledError:  # the caller's own task is being cancelled
+            opening.cancel()
+            await asyncio.wait({opening}, timeout=CANCEL_WAIT_S)
             raise
-        except openai.OpenAIError as exc:
-            end = self._llm._error(exc)
-        except LLMError as exc:
-            end = exc
-        except Exception as exc:  # a malformed chunk, say: still one error type for callers
-            end = LLMError(f"the LLM server at {self._llm.base_url} failed: {_short(exc)}")
-        queue.put_nowait(("end", end))
+        finally:
+            self._opening = None
+        if opening.cancelled():
+            return None
+        response = opening.result()  # raises what sending the request raised
+        # cancel() may have come as it opened: the stack closes it
+        return None if self._cancelled else response
 
-    async def _pump_stream(self, queue: asyncio.Queue[_Item]) -> FinishReason:
+    async def _open(self, stack: contextlib.AsyncExitStack) -> Any:
         llm = self._llm
+        # the SDK sends the request (retries, timeouts, status errors); the event stream is
+        # read here: an OpenAI chunk is a few fields, and building the SDK's model of each one
+        # cost more than all the rest of relaying it to the clients
         model = await llm.resolve_model()
-        reason: FinishReason = "stop"
-        usage_seen = False
-        async with contextlib.AsyncExitStack() as stack:
-            # the SDK sends the request (retries, timeouts, status errors); the event stream
-            # is read here: an OpenAI chunk is a few fields, and building the SDK's model of
-            # each one cost more than all the rest of relaying it to the clients
-            response = await self._open(stack, model)  # closed on cancel: the server stops
-            read = _Read()
-            async for chunk in _chunks(response, llm.base_url, read):
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    usage_seen = True
-                    self.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    self.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
-                choices = chunk.get("choices")
-                if not choices or not isinstance(choices, list):
-                    continue
-                choice = choices[0]
-                delta = choice.get("delta")
-                content = delta.get("content") if isinstance(delta, dict) else None
-                if content:
-                    self.produced += 1
-                    queue.put_nowait(("delta", str(content)))
-                    # let the reader take it now: a fast server's whole answer can sit in
-                    # one network read, and parsing all of it first delays the first token
-                    # by as long as the parsing takes. (Yielding only every 32 deltas
-                    # streamed 4x faster but added ~3 ms to the next answer's first token,
-                    # benchmarks/relay_overhead.py side by side.) With nothing more of this
-                    # read to parse, the next read yields anyway: a paced model's token comes
-                    # alone, and a second turn of the loop for it would cost one more wake-up
-                    # per token for nothing.
-                    if read.more:
-                        await asyncio.sleep(0)
-                if choice.get("finish_reason") == "length":
-                    reason = "length"
-        if not usage_seen:
-            # the server sent no usage: estimate it the way count_tokens does
-            self.usage.prompt_tokens = sum(
-                llm.count_tokens(m.get("content", "")) for m in self._messages
-            )
-            self.usage.completion_tokens = self.produced
-        return reason
-
-    async def _open(self, stack: contextlib.AsyncExitStack, model: str) -> Any:
-        llm = self._llm
         if llm._usage_option:
             try:
                 return await stack.enter_async_context(self._request(model, usage=True))
@@ -330,6 +358,12 @@ class _OpenAIGeneration(Generation):
             stream=True,
             stream_options={"include_usage": True} if usage else openai.omit,
         )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a future's exception as seen (a connection that closed with an error)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _aiohttp_body(response: Any) -> aiohttp.ClientResponse | None:
@@ -396,7 +430,7 @@ async def _lines(response: Any, read: _Read | None = None) -> AsyncIterator[str]
 
 async def _chunks(
     response: Any, base_url: str, read: _Read | None = None
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """The JSON objects of a chat-completion event stream (Server-Sent Events), up to
     ``[DONE]``; an ``error`` event or an ``{"error": ...}`` object raises LLMError. ``read``:
     as for ``_lines`` (an object is dispatched by the blank line after it)."""
