@@ -1,5 +1,6 @@
-"""uvicorn, adapted: a graceful drain before shutdown, sockets of stalled clients released, and
-short WebSocket messages sent uncompressed.
+"""uvicorn, adapted: a graceful drain before shutdown, sockets of stalled clients released,
+short WebSocket messages sent uncompressed, and a WebSocket send the app can make from plain
+code (``send_text_now``, offered in the scope's extensions) when nothing stands in its way.
 
 uvicorn's WebSocket protocol ends a connection with ``transport.close()``, which waits for the
 write buffer to drain: a client that stopped reading would hold its socket (and megabytes of
@@ -19,12 +20,14 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from websockets.exceptions import InvalidState
 from websockets.extensions.base import Extension
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 from websockets.typing import ExtensionName, ExtensionParameter
 
+from rag_chat.api.ws import SEND_TEXT_NOW
 from rag_chat.app import drain
 from rag_chat.metrics import tune_gc
 
@@ -91,6 +94,35 @@ def _dropping_protocol() -> Any:
                     max_size=self.config.ws_max_size,
                     logger=logging.getLogger("uvicorn.error"),
                 )
+
+        def handle_connect(self, event: Any) -> None:
+            super().handle_connect(event)
+            scope = getattr(self, "scope", None)
+            if isinstance(scope, dict):  # the app's task starts later: it sees this
+                scope.setdefault("extensions", {})[SEND_TEXT_NOW] = self.send_text_now
+
+        def send_text_now(self, text: str) -> bool:
+            """Send a text message at once, from plain code: True when it went to the socket;
+            False when anything stands in the way (the socket's buffer is full, the
+            handshake or the close is under way, the client is gone), and the app then
+            sends through ASGI, which waits or raises as it should. The same steps as the
+            ASGI send of a text message, without its coroutine and the four wrappers around
+            it (Starlette's WebSocket, its exception middleware, the request-id middleware)."""
+            if (
+                self.disconnected
+                or self.close_sent
+                or not self.handshake_complete
+                or self.initial_response is not None
+                or not self.writable.is_set()
+                or self.transport.is_closing()
+            ):
+                return False
+            try:
+                self.conn.send_text(text.encode())
+            except (InvalidState, UnicodeEncodeError):  # the ASGI send reports these
+                return False
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            return True
 
         def _drop_later(self) -> None:
             if not self.disconnected:
