@@ -5,8 +5,10 @@ One connection runs::
     handshake: Origin allowed? (else 403) ──► accept ──► token (cookie / subprotocol / header /
         first ``auth`` event; else 4401) ──► connection lease for the user (else 1008)
     receive loop ──► validate ──► join/leave/typing/message/cancel ──► Access ──► Rooms (Redis)
-    room subscriptions (RoomHub) ──► deliver ──► Outbox (bounded; tokens coalesce) ──► sender
-        task ──► socket (a frame not taken within SEND_TIMEOUT_S, or an overflowing queue: 1013)
+    room subscriptions (RoomHub) ──► deliver ──► nothing waiting before it and the socket can
+        take it: straight out (the server's send_text_now) ──► else Outbox (bounded; tokens
+        coalesce) ──► sender task ──► ASGI send (a frame not taken within SEND_TIMEOUT_S, or an
+        overflowing queue: 1013)
 
 Everything a client sees comes from the room logs, in seq order, the same on every instance.
 A bad event gets an ``error`` event and the connection stays usable; a flood of them closes it

@@ -47,7 +47,7 @@ READ_TIMEOUT_S = 60.0
 # constructor is given one
 CHECK_TIMEOUT_S = 5.0
 MAX_RETRIES = 2
-# how long cancel() waits for the pump to close the connection
+# how long cancel() waits for the request's abort or the connection's close
 CANCEL_WAIT_S = 5.0
 
 
