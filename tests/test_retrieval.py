@@ -18,6 +18,9 @@ TEXTS = [
     "Paracetamol overdose damages the liver.",
     "x",
 ]
+# similarities closer than this are a tie at int8 precision: the quantised model moves a
+# vector by up to 0.03 in cosine (asserted below)
+INT8_TIE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +40,19 @@ def test_onnx_backends_compute_the_same_model(backends: dict[str, Embedder]) -> 
     assert (fp32 * ref).sum(axis=1).min() > 0.9999
     cos_int8 = (int8 * ref).sum(axis=1)
     assert cos_int8.min() > 0.97 and cos_int8.mean() > 0.985
+    # the order of any two similarities that differ by more than int8's own error: unrelated
+    # texts sit within a few hundredths of each other near 0, and their order there depends
+    # on the CPU's int8 kernels (it flipped between two of these machines)
     sims_ref = ref[:4] @ ref[:4].T
     sims_int8 = int8[:4] @ int8[:4].T
-    assert np.array_equal(np.argsort(-sims_ref, axis=1), np.argsort(-sims_int8, axis=1))
+    checked = 0
+    for row in range(4):
+        for a in range(4):
+            for b in range(4):
+                if sims_ref[row, a] - sims_ref[row, b] > INT8_TIE:
+                    assert sims_int8[row, a] > sims_int8[row, b], (row, a, b)
+                    checked += 1
+    assert checked >= 12  # each text first to itself, and the related pair above the rest
     # batch composition does not change a vector (padding is masked out of the mean)
     alone = backends["onnx"].encode([TEXTS[0]])[0]
     assert float(alone @ fp32[0]) > 0.99999
