@@ -317,9 +317,6 @@ async def run_level(
         "tokens_received": received,
         "tokens_sent_by_token_server": stats["tokens_sent"],
         "tokens_missing": stats["tokens_sent"] - received,
-        # above 1 when tokens that waited together (in the server's read of the answer, or in
-        # a slow client's queue) went out as one frame
-        "tokens_per_frame": received / max(1, sum(len(a.frames) for a in answers)),
         "every_token_delivered": all_tokens,
         "steady_window_s": window,
         "steady_tokens_per_s": steady_tokens / window if window > 0 else math.nan,
@@ -381,8 +378,7 @@ def print_level(level: dict[str, Any]) -> None:
         f"{level['connect_s']:.1f} s): {level['answers']} answers, {level['complete']} complete "
         f'({level["no_match"]} of them "don\'t know" without the LLM: nothing relevant found); '
         f"tokens {level['tokens_received']:,} received / "
-        f"{level['tokens_sent_by_token_server']:,} sent by the token server, "
-        f"{level['tokens_per_frame']:.2f} per frame"
+        f"{level['tokens_sent_by_token_server']:,} sent by the token server"
     )
     print(
         f"    steady tokens/s {fmt(level['steady_tokens_per_s'], 0)} (ideal C×rate "

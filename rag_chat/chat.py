@@ -312,15 +312,11 @@ class Reply:
                     if not delta:
                         continue
                     now = time.perf_counter()
-                    # a delta can carry several tokens (those that waited in one network
-                    # read): they arrived together, a gap of 0 after the first
                     if ttft is None:
                         ttft = (now - started) * 1000
                         metrics.ttft.observe(ttft / 1000)
                     else:
                         metrics.inter_token.observe(now - last)
-                    for _ in range(gen.delta_tokens - 1):
-                        metrics.inter_token.observe(0.0)
                     last = now
                     parts.append(delta)
                     yield {"type": "ai.token", "message_id": self.message_id, "delta": delta}

@@ -34,8 +34,6 @@ class Generation(abc.ABC):
     rag_chat.errors.LLMError subclasses (LLMUnavailable when the backend cannot be reached,
     LLMTimeout on timeouts) from the iteration.
     .produced: int — completion tokens produced so far by the backend.
-    .delta_tokens: int — how many tokens the delta just yielded carries (a backend may hand
-    several that arrived together as one delta).
 
     A consumer that stops iterating early should ``await gen.cancel()``: leaving the loop alone
     stops the backend only once the abandoned iterator is garbage-collected.
@@ -45,7 +43,6 @@ class Generation(abc.ABC):
         self.finish_reason: FinishReason | None = None
         self.usage = Usage()
         self.produced = 0
-        self.delta_tokens = 1
         self._iterated = False
 
     def __aiter__(self) -> AsyncIterator[str]:

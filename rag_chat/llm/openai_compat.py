@@ -49,9 +49,6 @@ CHECK_TIMEOUT_S = 5.0
 MAX_RETRIES = 2
 # how long cancel() waits for the request's abort or the connection's close
 CANCEL_WAIT_S = 5.0
-# at most this many tokens of one network read go out as one delta: a fast server's whole
-# answer in one read still streams in pieces
-MERGE_MAX = 16
 
 
 class OpenAICompatLLM:
@@ -247,54 +244,36 @@ class _OpenAIGeneration(Generation):
                 usage_seen = False
                 read = _Read()
                 chunks = _chunks(response, self._llm.base_url, read)
-                # the tokens of one network read go out as one delta: a paced model's token
-                # comes alone (no delay), while a server that falls behind finds several
-                # waiting per answer and relays them as one event — one log append, one
-                # fan-out, one frame — so the busier it is, the less each token costs it
-                pending: list[str] = []
                 async with contextlib.aclosing(chunks):
-                    try:
-                        async for chunk in chunks:
-                            if self._cancelled:  # what this read still held is not wanted
-                                pending.clear()
-                                break
-                            usage = chunk.get("usage")
-                            if isinstance(usage, dict):
-                                usage_seen = True
-                                self.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                                self.usage.completion_tokens = int(
-                                    usage.get("completion_tokens") or 0
-                                )
-                            choices = chunk.get("choices")
-                            if choices and isinstance(choices, list):
-                                choice = choices[0]
-                                delta = choice.get("delta")
-                                content = delta.get("content") if isinstance(delta, dict) else None
-                                if content:
-                                    self.produced += 1
-                                    pending.append(str(content))
-                                if choice.get("finish_reason") == "length":
-                                    reason = "length"
-                            if pending and (not read.more or len(pending) >= MERGE_MAX):
-                                self.delta_tokens = len(pending)
-                                yield pending[0] if len(pending) == 1 else "".join(pending)
-                                pending.clear()
-                                # a fast server's whole answer can sit in one network read:
-                                # let what the consumer started with this delta (a log
-                                # append for the loop's next turn) go out before the rest
-                                # is parsed, and let other answers run
-                                if read.more:
-                                    await asyncio.sleep(0)
-                    except LLMError:
-                        # the error event came in the same read as these: they were
-                        # produced, and go out before the error does
-                        if pending and not self._cancelled:
-                            self.delta_tokens = len(pending)
-                            yield "".join(pending)
-                        raise
-                    if pending:  # the body ended (or [DONE] came) within the read
-                        self.delta_tokens = len(pending)
-                        yield "".join(pending)
+                    async for chunk in chunks:
+                        if self._cancelled:  # what this read still held is not wanted
+                            break
+                        usage = chunk.get("usage")
+                        if isinstance(usage, dict):
+                            usage_seen = True
+                            self.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                            self.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
+                        choices = chunk.get("choices")
+                        if not choices or not isinstance(choices, list):
+                            continue
+                        choice = choices[0]
+                        delta = choice.get("delta")
+                        content = delta.get("content") if isinstance(delta, dict) else None
+                        if content:
+                            self.produced += 1
+                            yield str(content)
+                            # let what the consumer started with it (a log append scheduled
+                            # for the loop's next turn) go out before the rest of this read
+                            # is parsed: a fast server's whole answer can sit in one network
+                            # read. (Yielding only every 32 deltas streamed 4x faster but
+                            # added ~3 ms to the next answer's first token,
+                            # benchmarks/relay_overhead.py side by side.) With nothing more
+                            # of this read to parse, the next read yields anyway: a paced
+                            # model's token comes alone.
+                            if read.more:
+                                await asyncio.sleep(0)
+                        if choice.get("finish_reason") == "length":
+                            reason = "length"
             if self._cancelled:
                 self._end("cancelled")
                 return
@@ -403,8 +382,8 @@ def _aiohttp_body(response: Any) -> aiohttp.ClientResponse | None:
 
 
 class _Read:
-    """Whether the read that gave the last line still holds another event, a blank line after
-    it (``_lines`` keeps it; True where it cannot tell)."""
+    """Whether lines of the read that gave the last line are still to come (``_lines`` keeps
+    it; True where it cannot tell)."""
 
     __slots__ = ("more",)
 
@@ -415,7 +394,7 @@ class _Read:
 async def _lines(response: Any, read: _Read | None = None) -> AsyncIterator[str]:
     """The event stream's lines (without their ends), then one empty line: the end of the
     body dispatches an event that had no blank line after it. ``read.more`` says, with each
-    line, whether a blank line (another event) follows it in the same network read."""
+    line, whether more lines of the same network read follow it."""
     read = read or _Read()
     body = _aiohttp_body(response)
     if body is None:
@@ -439,11 +418,7 @@ async def _lines(response: Any, read: _Read | None = None) -> AsyncIterator[str]
         *lines, tail = data.split(b"\n")
         # a held-back CR ends ``tail`` as a line whatever comes next
         rest = tail + b"\r" if rest else tail
-        # a blank line dispatches an event: ``more`` says whether another one comes in this
-        # read, so the lines after the last blank one (a comment, half an event) say no
         last = len(lines) - 1
-        while last >= 0 and lines[last]:
-            last -= 1
         for i, line in enumerate(lines):
             read.more = i < last
             yield line.decode("utf-8", "replace")

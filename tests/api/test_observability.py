@@ -31,7 +31,6 @@ from websockets.sync.client import connect as ws_connect
 from rag_chat.api import ws as ws_module
 from rag_chat.app import create_app
 from rag_chat.llm.fake import FakeLLM
-from rag_chat.llm.openai_compat import OpenAICompatLLM
 from rag_chat.logs import (
     TRACE_LOGGER,
     configure_logging,
@@ -44,8 +43,6 @@ from rag_chat.metrics import Metrics, watch_gc
 from rag_chat.retrieval.embedder import Embedder
 from rag_chat.services import Services
 from rag_chat.settings import Settings
-from rag_chat.testing.token_server import token_text
-from tests.rooms.conftest import start_token_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "rag_chat.json"
@@ -227,34 +224,6 @@ def test_metrics_follow_answers_cancels_resumes_and_limits(
         before = value(lag, "rag_gc_pause_seconds_count", generation="2")
         gc.collect()
         assert value(scrape(client), "rag_gc_pause_seconds_count", generation="2") == before + 1
-
-
-def test_tokens_relayed_together_count_as_tokens(
-    make_app: Any, server_settings: Settings, tmp_path: Path
-) -> None:
-    """A fast OpenAI-compatible server (the real token server at full speed, through the real
-    SDK client): tokens that came in one network read go out as one ``ai.token``, the answer's
-    text is whole, and the inter-token gap histogram still counts every token (0 s for those
-    that arrived together), so it describes tokens, not events."""
-    ts = start_token_server(tmp_path, tokens=200, rate=0.0)
-    llm = OpenAICompatLLM(ts.v1, model="token-server")
-    try:
-        with TestClient(make_app(llm, server_settings)) as client:
-            with client.websocket_connect("/ws") as ws:
-                ws.send_json({"type": "message", "text": "How do I ingest PDF files?"})
-                deltas: list[str] = []
-                while (event := until(ws, "ai.token", "ai.done"))["type"] == "ai.token":
-                    deltas.append(event["delta"])
-            assert event["type"] == "ai.done", event
-            assert "".join(deltas) == token_text(200)
-            # the token server writes 64 tokens at a time: far fewer events than tokens
-            assert len(deltas) < 100
-            m = scrape(client)
-            assert value(m, "rag_time_to_first_token_seconds_count") == 1
-            assert value(m, "rag_inter_token_seconds_count") == 199
-            assert value(m, "rag_tokens_total") == len(deltas)  # events, as documented
-    finally:
-        ts.proc.stop()
 
 
 def test_the_gc_watch_records_pauses_until_stopped() -> None:
