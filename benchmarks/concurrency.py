@@ -13,7 +13,9 @@ own. All C connect first; then each starts at a random moment within ``--ramp`` 
 answer's length by default) and asks its question (client i: SciFact claim i, cycled;
 ``--same-question``: the first claim for all) tagged ``[[tokens=200 rate=20]]`` (a 200-token
 answer at 20 tokens/s), again and again in the same conversation, until ``--duration``
-seconds after the ramp; the answers in flight then finish. Clients are spread over source
+seconds after the ramp; the answers in flight then finish. A question the server answers
+"don't know" (nothing relevant in the index: no LLM, no paced answer) is not asked again: its
+client takes the next claim nobody has found unanswerable. Clients are spread over source
 addresses 127.0.0.1, 127.0.0.2, … (at most 500 per address: in open mode the per-user caps
 count per address, and RAG_MAX_REPLIES_PER_USER cannot exceed 1,000).
 
@@ -179,10 +181,40 @@ async def lag_probe(lags: list[float]) -> None:
         lags.append((time.perf_counter() - t - LAG_PROBE_S) * 1000)
 
 
+class QuestionPool:
+    """The clients' questions. Client i starts with question i (cycled); a question the server
+    answered "don't know" (nothing relevant in the index) is not asked again: its client takes
+    the next one nobody has found unanswerable. A client that repeated it would ask again the
+    moment the answer came — as fast as the server answers without the LLM, dozens of times a
+    second between a few clients — load that is not the benchmark's (every client streaming a
+    paced answer), which took a third of the search process's work at 500 clients."""
+
+    def __init__(self, questions: list[str], start: int) -> None:
+        self.questions = questions
+        self.unanswerable: set[str] = set()
+        self.replaced = 0
+        self._next = start
+
+    def first(self, i: int) -> str:
+        return self.questions[i % len(self.questions)]
+
+    def instead_of(self, question: str) -> str:
+        """The question to ask after ``question`` got a "don't know" (itself if none is left)."""
+        self.unanswerable.add(question)
+        for _ in range(len(self.questions)):
+            candidate = self.questions[self._next % len(self.questions)]
+            self._next += 1
+            if candidate not in self.unanswerable:
+                self.replaced += 1
+                return candidate
+        return question
+
+
 async def client_loop(
     i: int,
     ws: ClientConnection,
-    question: str,
+    pool: QuestionPool,
+    tag: str,
     start_at: float,
     stop_asking: float,
     want: str,
@@ -190,13 +222,15 @@ async def client_loop(
     read_timeout: float,
 ) -> None:
     conversation = f"bench-{uuid.uuid4().hex}"
+    question = pool.first(i)
     await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
     while True:
         answer = Answer(i, time.perf_counter())
         answers.append(answer)
         try:
+            text = question + tag
             await ws.send(
-                json.dumps({"type": "message", "text": question, "conversation_id": conversation})
+                json.dumps({"type": "message", "text": text, "conversation_id": conversation})
             )
             while True:
                 raw = await asyncio.wait_for(ws.recv(), read_timeout)
@@ -228,6 +262,8 @@ async def client_loop(
         )
         if answer.error is not None or time.perf_counter() >= stop_asking:
             return
+        if answer.no_match:
+            question = pool.instead_of(question)
 
 
 async def run_level(
@@ -258,12 +294,14 @@ async def run_level(
     steady_from, stop_asking = t0 + args.ramp, t0 + args.ramp + args.duration
     tag = f" [[tokens={args.tokens} rate={args.rate:g}]]"
     read_timeout = max(60.0, reply_s * 6)
+    pool = QuestionPool(questions, start=n)
     tasks = [
         asyncio.create_task(
             client_loop(
                 i,
                 ws,
-                questions[i % len(questions)] + tag,
+                pool,
+                tag,
                 t0 + random.uniform(0, args.ramp),
                 stop_asking,
                 want,
@@ -314,9 +352,13 @@ async def run_level(
         "answers": len(answers),
         "complete": complete,
         "no_match": no_match,
+        "questions_replaced_after_no_match": pool.replaced,
         "tokens_received": received,
         "tokens_sent_by_token_server": stats["tokens_sent"],
         "tokens_missing": stats["tokens_sent"] - received,
+        # above 1 when tokens that waited together (in the server's read of the answer, or in
+        # a slow client's queue) went out as one frame
+        "tokens_per_frame": received / max(1, sum(len(a.frames) for a in answers)),
         "every_token_delivered": all_tokens,
         "steady_window_s": window,
         "steady_tokens_per_s": steady_tokens / window if window > 0 else math.nan,
@@ -376,9 +418,11 @@ def print_level(level: dict[str, Any]) -> None:
     print(
         f"  {level['clients']} clients ({level['addresses']} source address(es), connected in "
         f"{level['connect_s']:.1f} s): {level['answers']} answers, {level['complete']} complete "
-        f'({level["no_match"]} of them "don\'t know" without the LLM: nothing relevant found); '
+        f'({level["no_match"]} of them "don\'t know" without the LLM: nothing relevant found; '
+        f"{level['questions_replaced_after_no_match']} such questions replaced by another); "
         f"tokens {level['tokens_received']:,} received / "
-        f"{level['tokens_sent_by_token_server']:,} sent by the token server"
+        f"{level['tokens_sent_by_token_server']:,} sent by the token server, "
+        f"{level['tokens_per_frame']:.2f} per frame"
     )
     print(
         f"    steady tokens/s {fmt(level['steady_tokens_per_s'], 0)} (ideal C×rate "
