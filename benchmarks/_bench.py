@@ -27,7 +27,11 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
-SCIFACT = (ROOT.parent / "shared" / "datasets" / "scifact").resolve()
+# next to the checkout (../shared), or SCIFACT_DIR: a checkout elsewhere (a git worktree in
+# /tmp, say) has no ../shared of its own
+SCIFACT = Path(
+    os.environ.get("SCIFACT_DIR") or ROOT.parent / "shared" / "datasets" / "scifact"
+).resolve()
 REDIS_DB = 14
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 START_TIMEOUT_S = 300.0
@@ -251,8 +255,14 @@ def describe_index(data_dir: Path, collection: str, smoke: bool) -> str:
     return line
 
 
-def queries(limit: int | None = None) -> list[str]:
-    """SciFact's queries (claims) when the dataset is there, else questions about the guide."""
+def queries(limit: int | None = None, *, scifact: bool = False) -> list[str]:
+    """SciFact's queries (claims) when the dataset is there, else questions about the guide.
+
+    ``scifact``: the questions are for a SciFact index, so SciFact's queries must be there:
+    SystemExit naming the folder when they are not. (The guide's ten questions against a
+    SciFact index measure something else: one of them finds nothing there, and its clients
+    get a "don't know" without the LLM — a worktree in /tmp ran them, unnoticed, for several
+    stops of A/B comparisons.)"""
     path = SCIFACT / "queries.jsonl"
     found: list[str] = []
     if path.is_file():
@@ -261,6 +271,11 @@ def queries(limit: int | None = None) -> list[str]:
                 text = json.loads(line).get("text", "").strip()
                 if text:
                     found.append(text)
+    if not found and scifact:
+        raise SystemExit(
+            f"SciFact's queries are not at {path}: the questions for a SciFact index come "
+            "from there (set SCIFACT_DIR to the dataset's folder)"
+        )
     found = found or list(GUIDE_QUESTIONS)
     return found[:limit] if limit else found
 

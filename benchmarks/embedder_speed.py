@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,7 +29,10 @@ from ingest.loaders import load
 from rag_chat.retrieval.embedder import BACKENDS, Embedder
 
 OUT = Path(__file__).resolve().parent / "out"
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scifact"
+SCIFACT = Path(
+    os.environ.get("SCIFACT_DIR")
+    or Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scifact"
+)
 
 
 def main() -> int:

@@ -207,7 +207,7 @@ async def run_sse(client: httpx.AsyncClient, question: str, want: str, s: Sample
 
 async def measure(args: argparse.Namespace, token_url: str, server_url: str) -> list[Sample]:
     want = token_text(min(args.tokens, ANSWER_TOKENS))
-    asked = queries()
+    asked = queries(scifact=args.data_dir is not None)
     client = openai.AsyncOpenAI(
         base_url=token_url + "/v1",
         api_key="unused",
@@ -341,6 +341,8 @@ def main() -> int:
     if not args.transports or set(args.transports) - {"ws", "sse"}:
         parser.error("--transports: ws, sse or ws,sse")
     smoke = args.data_dir is None
+    if not smoke:
+        queries(1, scifact=True)  # before anything starts: SciFact's questions must be there
     data_dir = guide_index() if smoke else args.data_dir.resolve()
     index_line = describe_index(data_dir, args.collection, smoke)
 

@@ -354,6 +354,8 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     smoke = args.data_dir is None
+    if not smoke:
+        queries(1, scifact=True)  # before anything is built: SciFact's questions must be there
     seed_dir = guide_index() if smoke else args.data_dir.resolve()
     backend = Settings(_env_file=None).embedding_backend  # type: ignore[call-arg]
     embedder = Embedder(backend=backend, cache_dir=ROOT / "data" / ".rag" / "models")
@@ -373,7 +375,7 @@ def main() -> int:
         lv.retriever = Retriever(settings_for(lv.data_dir, lv.collection), embedder=embedder)
         found, bm25 = lv.retriever.store.count(), index_chunks(lv.data_dir, lv.collection)
         assert found == lv.chunks and bm25 == lv.chunks, (lv.name, found, bm25)
-    asked = queries(args.queries)
+    asked = queries(args.queries, scifact=not smoke)
     print(f"measuring {len(asked)} queries × {len(levels)} indexes …", flush=True)
     with search_servers(levels, args.http) as servers:
         measure(levels, asked, args.k, args.breakdown, servers)
