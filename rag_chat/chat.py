@@ -234,6 +234,9 @@ class Reply:
     # the conversation's history, read while the question was still being written
     # (ChatService.prefetch_history); the question is left out of it either way
     history_read: asyncio.Task[list[StoredMessage]] | None = None
+    # the question being written to the conversation's memory while the reply starts: the
+    # answer is saved after it, so the memory keeps them in order
+    question_saved: asyncio.Future[Any] | None = None
     _generation: Generation | None = None
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # why it was cancelled, sent in ai.done: "user" (stop), "abandoned" (nobody left to read
@@ -450,6 +453,9 @@ class Reply:
         if no_match:
             answer["no_match"] = True
         messages = (answer,) if self.question_id else (user, answer)
+        if self.question_saved is not None:
+            # written or failed (its writer reports that), it is no longer on its way
+            await asyncio.wait({self.question_saved})
         try:
             await self.service.memory.append(self.conversation_id, *messages)
             return True
@@ -578,6 +584,7 @@ class ChatService:
         question_id: str | None = None,
         received: float | None = None,
         history_read: asyncio.Task[list[StoredMessage]] | None = None,
+        question_saved: asyncio.Future[Any] | None = None,
     ) -> Reply:
         text = (text or "").strip()
         if not text:
@@ -600,4 +607,5 @@ class ChatService:
             prefetched=prefetched,
             received=received,
             history_read=history_read,
+            question_saved=question_saved,
         )

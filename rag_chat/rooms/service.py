@@ -357,24 +357,49 @@ class Rooms:
             if ask and self.limits is not None:
                 await self.limits.reply_finished(who, msg_id)
             return None
-        if ask:
-            try:
-                reply = self.chat.start(
-                    question,
-                    room,
-                    question_id=msg["id"],
-                    prefetched=prefetch,
-                    received=received,
-                    history_read=history,
-                )
-            except BaseException:
-                _cancel(prefetch, history)
-                if self.limits is not None:
-                    await self.limits.reply_finished(who, msg_id)
-                raise
-            self.replies[reply.message_id] = reply
-            self._spawn(self._run_reply(room, reply, msg["id"], who))
+        # the question goes to the conversation's memory while its reply starts — a round
+        # trip less before the first token; the reply saves its answer after it
+        saved = asyncio.ensure_future(self._remember(member, room, text, msg))
+        try:
+            if ask:
+                try:
+                    reply = self.chat.start(
+                        question,
+                        room,
+                        question_id=msg["id"],
+                        prefetched=prefetch,
+                        received=received,
+                        history_read=history,
+                        question_saved=saved,
+                    )
+                except BaseException:
+                    _cancel(prefetch, history)
+                    if self.limits is not None:
+                        await self.limits.reply_finished(who, msg_id)
+                    raise
+                self.replies[reply.message_id] = reply
+                self._spawn(self._run_reply(room, reply, msg["id"], who))
+        finally:
+            # the message is the caller's once it is remembered (or could not be: logged)
+            await asyncio.shield(saved)
         return msg
+
+    async def _remember(self, member: Member, room: str, text: str, msg: Event) -> None:
+        """The message in the conversation's memory (the history replies read); a failure
+        is logged, not raised: the message is in the room's log either way."""
+        try:
+            await self.memory.append(
+                room,
+                {
+                    "id": msg["id"],
+                    "role": "user",
+                    "content": text,
+                    "user": member.user,
+                    "created_at": msg["ts"],
+                },
+            )
+        except MemoryUnavailable as exc:
+            log.warning("message %s not kept in history: %s", msg["id"], exc)
 
     async def _append_message(
         self, member: Member, room: str, text: str, msg_id: str, client_id: str | None, ask: bool
@@ -393,19 +418,6 @@ class Rooms:
             },
         )
         await self.typing(member, room, "stop")
-        try:
-            await self.memory.append(
-                room,
-                {
-                    "id": msg["id"],
-                    "role": "user",
-                    "content": text,
-                    "user": member.user,
-                    "created_at": msg["ts"],
-                },
-            )
-        except MemoryUnavailable as exc:
-            log.warning("message %s not kept in history: %s", msg["id"], exc)
         return msg
 
     async def cancel(self, member: Member, room: str, message_id: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -142,6 +143,40 @@ def test_follow_up_is_rewritten_and_history_is_kept(make_app: Any) -> None:
         assert client.delete(f"/api/conversations/{cid}/messages").status_code == 204
         r = client.get(f"/api/conversations/{cid}/messages")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_the_answer_is_remembered_after_its_question_even_when_that_write_is_slow(
+    make_app: Any,
+) -> None:
+    """The question goes to the conversation's memory (real Redis) while its reply starts;
+    the answer is saved after it. With the question's write held back 0.5 s, the reply —
+    a quick answer — still lands after it, and the question's way to its reply's start does
+    not wait for it."""
+    llm = FakeLLM()
+    llm.enqueue(["Port 8000 [1]."])
+    app = make_app(llm)
+    with TestClient(app) as client:
+        memory = app.state.services.memory
+        real_append = memory.append
+
+        async def slow_question(conversation_id: str, *messages: Any) -> None:
+            if messages[0]["role"] == "user":
+                await asyncio.sleep(0.5)
+            await real_append(conversation_id, *messages)
+
+        memory.append = slow_question
+        with client.websocket_connect("/ws") as ws:
+            ws.send_json({"type": "message", "text": "Which port does the server listen on?"})
+            events = collect(ws)
+        done = events[-1]
+        assert done["type"] == "ai.done", events
+        assert done["timings"]["admit_ms"] < 400  # the 0.5 s write is not in front of it
+        cid = done["conversation_id"]
+        msgs = client.get(f"/api/conversations/{cid}/messages").json()["messages"]
+        assert [(m["role"], m["content"]) for m in msgs] == [
+            ("user", "Which port does the server listen on?"),
+            ("assistant", "Port 8000 [1]."),
+        ]
 
 
 def test_llm_failure_mid_stream_ends_with_an_error_and_the_next_question_works(
