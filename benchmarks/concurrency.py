@@ -458,11 +458,9 @@ def print_level(level: dict[str, Any]) -> None:
     )
 
 
-async def load_test(args: argparse.Namespace, server: Any, token: Any) -> list[dict[str, Any]]:
-    scifact = args.data_dir is not None
-    # each client its own question (SciFact's claims, cycled), as real users ask different
-    # things; --same-question: every client the first one (what stops before 16 measured)
-    questions = queries(1, scifact=scifact) if args.same_question else queries(scifact=scifact)
+async def load_test(
+    args: argparse.Namespace, server: Any, token: Any, questions: list[str]
+) -> list[dict[str, Any]]:
     levels = []
     for n in args.levels:
         print(f"level {n} clients …", flush=True)
@@ -665,8 +663,10 @@ def main() -> int:
         print(f"WARNING: open-file limit {soft} (hard {hard}) is low for {biggest} connections")
 
     smoke = args.data_dir is None
-    if not smoke and not args.idle:
-        queries(1, scifact=True)  # before anything starts: SciFact's questions must be there
+    # each client its own question (SciFact's claims, cycled), as real users ask different
+    # things; --same-question: every client the first one (what stops before 16 measured).
+    # Read before anything starts: a SciFact index without SciFact's questions stops here
+    questions = queries(1 if args.same_question else None, scifact=not smoke and not args.idle)
     data_dir = guide_index() if smoke else args.data_dir.resolve()
     index_line = describe_index(data_dir, args.collection, smoke)
     print(index_line, flush=True)
@@ -690,7 +690,7 @@ def main() -> int:
             )
             print(f"\nraw figures: {path}")
             return 0
-        levels = run_loop(args, load_test(args, server, token))
+        levels = run_loop(args, load_test(args, server, token, questions))
     finally:
         if server is not None:
             server.stop()
