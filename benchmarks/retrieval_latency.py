@@ -74,13 +74,14 @@ from benchmarks._bench import (  # noqa: E402
     verdict,
     wait_ready,
 )
+from ingest.manifest import ChunkRow, Manifest, encode_meta  # noqa: E402
 from rag_chat.retrieval.embedder import Embedder  # noqa: E402
 from rag_chat.retrieval.keyword import KeywordIndex, terms, with_neighbours  # noqa: E402
 from rag_chat.retrieval.search import Retriever  # noqa: E402
-from rag_chat.retrieval.store import VectorStore, make_client  # noqa: E402
+from rag_chat.retrieval.store import ChunkTexts, VectorStore, make_client  # noqa: E402
 from rag_chat.settings import Settings  # noqa: E402
 
-BUILD_VERSION = "2"  # 2: BM25 entries with their neighbours
+BUILD_VERSION = "3"  # 2: BM25 entries with their neighbours; 3: texts in the manifest
 SYNTH_COLLECTION = "bench"
 WRITE_BATCH = 10_000
 GOAL_P50_MS = 20.0
@@ -120,23 +121,21 @@ class Seed:
 
 
 def read_seed(data_dir: Path, collection: str, embedder: Embedder) -> Seed:
-    store = VectorStore(make_client(data_dir), collection, embedder.name)
+    manifest = settings_for(data_dir, collection).collection_dir() / "manifest.sqlite3"
+    store = VectorStore(make_client(data_dir), collection, embedder.name, ChunkTexts(manifest))
     ids: list[str] = []
     vecs: list[Any] = []
-    texts: list[str] = []
-    metas: list[dict[str, Any]] = []
     offset, page = 0, 5000
     while True:
-        got = store.collection.get(
-            include=["embeddings", "documents", "metadatas"], limit=page, offset=offset
-        )
+        got = store.collection.get(include=["embeddings"], limit=page, offset=offset)
         ids += got["ids"]
         vecs += list(got["embeddings"])
-        texts += [d or "" for d in got["documents"]]
-        metas += [dict(m or {}) for m in got["metadatas"]]
         if len(got["ids"]) < page:
             break
         offset += page
+    found = store.get(ids)  # texts and metadata: the manifest's (or Chroma's, an older index)
+    texts = [found.get(cid, ("", {}))[0] for cid in ids]
+    metas = [dict(found.get(cid, ("", {}))[1]) for cid in ids]
     order = np.argsort(ids)  # a stable order, whatever Chroma returns
     ids = [ids[i] for i in order]
     key = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
@@ -217,7 +216,8 @@ def build_index(
     store = VectorStore(make_client(folder), SYNTH_COLLECTION, embedder.name)
     for i in range(0, size, WRITE_BATCH):
         j = i + WRITE_BATCH
-        store.upsert(synth.ids[i:j], synth.vectors[i:j], synth.texts[i:j], synth.metas[i:j])
+        # as ingest writes an embedded Chroma: vectors and metadata; texts in the manifest
+        store.upsert(synth.ids[i:j], synth.vectors[i:j], None, synth.metas[i:j])
         print(f"  {size:,}: {min(j, size):,} chunks written to Chroma", end="\r", flush=True)
     # the entries an ingest writes: each document's chunks in order, with their neighbours
     order = sorted(
@@ -227,6 +227,22 @@ def build_index(
     docs = [str(synth.metas[i].get("doc_id")) for i in order]
     own = [terms(bm25_text(synth.texts[i], synth.metas[i])) for i in order]
     entries = with_neighbours(docs, own, settings.keyword_neighbours)
+    by_doc: dict[str, list[ChunkRow]] = {}
+    for i, doc_id, words in zip(order, docs, own, strict=True):
+        meta = synth.metas[i]
+        row = ChunkRow(
+            synth.ids[i],
+            int(meta.get("position", 0)),
+            " ".join(words),
+            synth.texts[i],
+            encode_meta(meta),
+        )
+        by_doc.setdefault(doc_id, []).append(row)
+    manifest = Manifest(settings.collection_dir() / "manifest.sqlite3")
+    try:
+        manifest.commit_docs([(d, "synthetic", d, "", rows) for d, rows in by_doc.items()])
+    finally:
+        manifest.close()
     KeywordIndex.build([synth.ids[i] for i in order], entries).save(
         settings.collection_dir() / "bm25"
     )

@@ -4,8 +4,11 @@
   A file is recorded only when all of its documents landed without error, so a file with a bad
   record is looked at (and reported) again on the next run.
 - ``docs``: each document (a file, or one record of a ``.jsonl`` corpus) with its hash.
-- ``chunks``: the chunks that make up each document, with their stemmed terms: the source of
-  truth for the vector store's ids and the input to the BM25 index.
+- ``chunks``: the chunks that make up each document, with their stemmed terms, their text and
+  their metadata (JSON): the source of truth for the vector store's ids, the input to the BM25
+  index, and what a search reads a hit's text and metadata from (an embedded Chroma holds only
+  vectors and metadata: storing a text there builds Chroma's full-text index of it, which
+  nothing here queries and which cost three quarters of ingest's writes).
 - ``meta``: the ``dirty`` flag, set while a run mutates the index. A run that finds it set (a
   crash, Ctrl-C) reconciles the vector store with this manifest before doing anything else.
 
@@ -16,8 +19,9 @@ vector store that the manifest does not list is deleted by the next run.
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +34,8 @@ CREATE TABLE IF NOT EXISTS docs (
 );
 CREATE INDEX IF NOT EXISTS docs_path ON docs(path);
 CREATE TABLE IF NOT EXISTS chunks (
-    id TEXT PRIMARY KEY, doc_key TEXT NOT NULL, position INTEGER NOT NULL, terms TEXT NOT NULL
+    id TEXT PRIMARY KEY, doc_key TEXT NOT NULL, position INTEGER NOT NULL, terms TEXT NOT NULL,
+    text TEXT, meta TEXT
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_key);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,6 +47,12 @@ class ChunkRow:
     id: str
     position: int
     terms: str
+    text: str | None = None
+    meta: str | None = None  # JSON
+
+
+def encode_meta(meta: Mapping[str, str | int | float | bool]) -> str:
+    return json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
 
 
 class Manifest:
@@ -52,6 +63,13 @@ class Manifest:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(chunks)")}
+        if "text" not in columns:  # written before chunks kept their text: ingest copies it
+            with self._txn():
+                self.db.execute("ALTER TABLE chunks ADD COLUMN text TEXT")
+                self.db.execute("ALTER TABLE chunks ADD COLUMN meta TEXT")
+                if self.db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
+                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('texts_missing', '1')")
 
     def close(self) -> None:
         self.db.close()
@@ -88,6 +106,22 @@ class Manifest:
             "SELECT id, doc_key, terms FROM chunks ORDER BY doc_key, position, id"
         )
 
+    def without_text(self, after: str, limit: int) -> list[str]:
+        """Ids past ``after``, in order, of chunks whose text is not here (ingested before the
+        manifest kept texts)."""
+        rows = self.db.execute(
+            "SELECT id FROM chunks WHERE text IS NULL AND id > ? ORDER BY id LIMIT ?",
+            (after, limit),
+        )
+        return [r[0] for r in rows]
+
+    def set_texts(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        """(id, text, meta JSON) of chunks already listed."""
+        with self._txn():
+            self.db.executemany(
+                "UPDATE chunks SET text=?, meta=? WHERE id=?", [(t, m, i) for i, t, m in rows]
+            )
+
     def counts(self) -> tuple[int, int, int]:
         files = self.db.execute("SELECT COUNT(DISTINCT path) FROM docs").fetchone()[0]
         docs = self.db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
@@ -107,8 +141,9 @@ class Manifest:
             for doc_key, path, doc_id, sha, rows in docs:
                 self.db.execute("DELETE FROM chunks WHERE doc_key=?", (doc_key,))
                 self.db.executemany(
-                    "INSERT OR REPLACE INTO chunks(id, doc_key, position, terms) VALUES (?,?,?,?)",
-                    [(r.id, doc_key, r.position, r.terms) for r in rows],
+                    "INSERT OR REPLACE INTO chunks(id, doc_key, position, terms, text, meta) "
+                    "VALUES (?,?,?,?,?,?)",
+                    [(r.id, doc_key, r.position, r.terms, r.text, r.meta) for r in rows],
                 )
                 self.db.execute(
                     "INSERT OR REPLACE INTO docs(doc_key, path, doc_id, sha256) VALUES (?,?,?,?)",

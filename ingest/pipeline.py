@@ -31,7 +31,7 @@ from typing import Any
 
 from ingest.chunking import Chunk, Chunker, HFTokenizer
 from ingest.loaders import Document, LoadError, is_supported, load
-from ingest.manifest import ChunkRow, Manifest
+from ingest.manifest import ChunkRow, Manifest, encode_meta
 from rag_chat.settings import Settings
 
 # Chunks gathered before one embedding call: big enough that sorting by length inside
@@ -352,6 +352,8 @@ class Pipeline:
         dirty = manifest.get_meta("dirty") is not None
         if dirty:
             report.reconciled = self._reconcile(manifest)
+        if manifest.get_meta("texts_missing") is not None:
+            self._copy_texts(manifest)
 
         writer = _Writer(self, manifest, report)
         batches = _Batcher(self, writer, report)
@@ -514,6 +516,18 @@ class Pipeline:
                 manifest.commit_docs([], removed_files=[path])
         return len(orphans)
 
+    def _copy_texts(self, manifest: Manifest) -> None:
+        """A manifest from before chunks kept their text: copy each from Chroma, once. Until
+        then searches read them from Chroma, as before."""
+        after = ""
+        while ids := manifest.without_text(after, 2000):
+            found = self.store.get(ids)
+            manifest.set_texts(
+                [(cid, text, encode_meta(meta)) for cid, (text, meta) in found.items()]
+            )
+            after = ids[-1]
+        manifest.set_meta("texts_missing", None)
+
     def rebuild_keyword_index(self, manifest: Manifest) -> None:
         """BM25 over each chunk with ``keyword_neighbours`` neighbours of the same document on
         each side (``with_neighbours``). On SciFact this lifts the fused nDCG@10
@@ -634,7 +648,9 @@ class _Writer:
             store.upsert(
                 [c.id for _, c in new],
                 batch.vectors,
-                [c.text for _, c in new],
+                # a Chroma server keeps the texts (other machines read them from it); an
+                # embedded one does not: they are in the manifest (see rag_chat.retrieval.store)
+                [c.text for _, c in new] if self.p.settings.chroma_url else None,
                 [c.metadata(w.source, w.doc.kind) for w, c in new],
             )
         kept = [(w, c) for w in batch.docs for c in w.kept]
@@ -649,7 +665,16 @@ class _Writer:
                     w.path,
                     w.doc.doc_id,
                     w.sha,
-                    [ChunkRow(c.id, c.position, " ".join(terms(c.embed_text))) for c in w.chunks],
+                    [
+                        ChunkRow(
+                            c.id,
+                            c.position,
+                            " ".join(terms(c.embed_text)),
+                            c.text,
+                            encode_meta(c.metadata(w.source, w.doc.kind)),
+                        )
+                        for c in w.chunks
+                    ],
                 )
                 for w in batch.docs
             ],

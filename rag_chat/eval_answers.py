@@ -179,11 +179,7 @@ def _hit_of(chunk: dict[str, Any], retriever: Retriever) -> Hit:
 
 def labelled_hits(retriever: Retriever, rows: Sequence[dict[str, Any]]) -> list[Hit]:
     """The chunk each labelled pair names: in its file, the one holding its phrase."""
-    got = retriever.store.collection.get(include=["documents", "metadatas"])
-    chunks = [
-        Hit(cid, 0.0, doc or "", dict(meta or {}))
-        for cid, doc, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True)
-    ]
+    chunks = retriever.store.chunks()
     out = []
     for row in rows:
         match = [

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rag_chat.retrieval.embedder import Embedder
 from rag_chat.retrieval.keyword import KeywordIndex
-from rag_chat.retrieval.store import Hit, VectorStore, make_client
+from rag_chat.retrieval.store import ChunkTexts, Hit, VectorStore, make_client
 
 if TYPE_CHECKING:
     from rag_chat.settings import Settings
@@ -87,7 +87,8 @@ class Retriever:
             # flight) and their writes reach this reader at the next reopen.
             SharedSystemClient.clear_system_cache()
         client = make_client(self.settings.data_dir, self.settings.chroma_url)
-        return VectorStore(client, self.collection, self.embedder.name)
+        texts = ChunkTexts(self.settings.collection_dir(self.collection) / "manifest.sqlite3")
+        return VectorStore(client, self.collection, self.embedder.name, texts)
 
     # --- keyword index, reloaded after an ingest swapped it; the vectors reopened with it ---
     def keyword_index(self) -> KeywordIndex:

@@ -3,10 +3,19 @@
 Chroma is always handed our own embeddings (its default embedding function would download a
 model) and its telemetry is off. A collection records the embedding model it was built with;
 opening it with another model is refused, since mixing vector spaces silently ruins retrieval.
+
+A chunk's text and metadata are read from the ingest manifest (``ChunkTexts``) where it has
+them: ingest stores no text in an embedded Chroma, whose local store builds a full-text
+(trigram) index of every text it holds — nothing here queries it, and it cost three quarters of
+ingest's writes. A chunk the manifest has no text for (an index ingested before it kept them,
+or a Chroma server, which keeps the texts) is read from Chroma as before.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +64,62 @@ def make_client(data_dir: Path, chroma_url: str | None = None) -> Any:
     return chromadb.PersistentClient(path=str(path), settings=chroma_settings)
 
 
+class ChunkTexts:
+    """Read-only access to the texts and metadata of chunks in the ingest manifest (a SQLite
+    file in WAL mode: reads never wait for an ingest writing it). Opened on first use; a
+    manifest that does not exist yet reads as empty and is looked for again next time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection | None:
+        if self._db is None and self.path.is_file():
+            db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
+            )
+            columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+            if "text" not in columns:  # written before manifests kept texts: Chroma has them
+                db.close()
+                return None
+            self._db = db
+        return self._db
+
+    def get(self, ids: Sequence[str]) -> dict[str, tuple[str, Metadata]]:
+        if not ids:
+            return {}
+        with self._lock:
+            db = self._open()
+            if db is None:
+                return {}
+            out: dict[str, tuple[str, Metadata]] = {}
+            for i in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+                part = ids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                rows = db.execute(
+                    f"SELECT id, text, meta FROM chunks WHERE id IN ({marks}) AND text IS NOT NULL",
+                    list(part),
+                )
+                for cid, text, meta in rows:
+                    out[cid] = (text, json.loads(meta) if meta else {})
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
 class VectorStore:
-    def __init__(self, client: Any, collection: str, model_name: str) -> None:
+    def __init__(
+        self, client: Any, collection: str, model_name: str, texts: ChunkTexts | None = None
+    ) -> None:
         self.client = client
         self.name = collection
         self.model_name = model_name
+        self.texts = texts
         self.collection = client.get_or_create_collection(
             name=collection,
             metadata={"hnsw:space": "cosine", "embedding_model": model_name},
@@ -82,15 +142,16 @@ class VectorStore:
         self,
         ids: Sequence[str],
         embeddings: npt.NDArray[np.float32],
-        documents: Sequence[str],
+        documents: Sequence[str] | None,
         metadatas: Sequence[Metadata],
     ) -> None:
+        """``documents`` None: the texts are kept elsewhere (the manifest), not in Chroma."""
         for i in range(0, len(ids), self._max_batch):
             j = i + self._max_batch
             self.collection.upsert(
                 ids=list(ids[i:j]),
                 embeddings=embeddings[i:j],
-                documents=list(documents[i:j]),
+                documents=None if documents is None else list(documents[i:j]),
                 metadatas=list(metadatas[i:j]),
             )
 
@@ -119,11 +180,26 @@ class VectorStore:
         collection, measured under load); ``fetch`` reads them too."""
         if not ids:
             return {}
-        res = self.collection.get(ids=list(ids), include=["documents", "metadatas"])
-        return {
-            cid: (doc or "", dict(meta or {}))
-            for cid, doc, meta in zip(res["ids"], res["documents"], res["metadatas"], strict=True)
-        }
+        found = self.texts.get(ids) if self.texts is not None else {}
+        rest = [cid for cid in ids if cid not in found]
+        if rest:
+            res = self.collection.get(ids=rest, include=["documents", "metadatas"])
+            for cid, doc, meta in zip(res["ids"], res["documents"], res["metadatas"], strict=True):
+                found[cid] = (doc or "", dict(meta or {}))
+        return found
+
+    def chunks(self) -> list[Hit]:
+        """Every chunk of the collection with its text and metadata (score 0)."""
+        ids: list[str] = []
+        offset = 0
+        while True:
+            page = self.collection.get(include=[], limit=self._max_batch, offset=offset)
+            ids += page["ids"]
+            if len(page["ids"]) < self._max_batch:
+                break
+            offset += self._max_batch
+        found = self.get(ids)
+        return [Hit(cid, 0.0, *found[cid]) for cid in ids if cid in found]
 
     def query(
         self, embedding: npt.NDArray[np.float32], k: int, where: dict[str, Any] | None = None
@@ -133,17 +209,14 @@ class VectorStore:
             query_embeddings=[embedding],
             n_results=k,  # more than the collection holds is fine: fewer come back
             where=where,
-            include=["documents", "metadatas", "distances"],
+            include=["distances"],
         )
+        ranked = list(zip(res["ids"][0], res["distances"][0], strict=True))
+        found = self.get([cid for cid, _ in ranked])
         return [
-            Hit(cid, 1.0 - float(dist), doc or "", dict(meta or {}), 1.0 - float(dist))
-            for cid, doc, meta, dist in zip(
-                res["ids"][0],
-                res["documents"][0],
-                res["metadatas"][0],
-                res["distances"][0],
-                strict=True,
-            )
+            Hit(cid, 1.0 - float(dist), *found[cid], 1.0 - float(dist))
+            for cid, dist in ranked
+            if cid in found
         ]
 
     def ranked(self, embedding: npt.NDArray[np.float32], k: int) -> list[tuple[str, float]]:
@@ -172,12 +245,12 @@ class VectorStore:
 
         if not ids:
             return {}
-        res = self.collection.get(ids=list(ids), include=["documents", "metadatas", "embeddings"])
+        res = self.collection.get(ids=list(ids), include=["embeddings"])
+        found = self.get(res["ids"])
         return {
-            cid: (doc or "", dict(meta or {}), np.asarray(vec, dtype=np.float32))
-            for cid, doc, meta, vec in zip(
-                res["ids"], res["documents"], res["metadatas"], res["embeddings"], strict=True
-            )
+            cid: (*found[cid], np.asarray(vec, dtype=np.float32))
+            for cid, vec in zip(res["ids"], res["embeddings"], strict=True)
+            if cid in found
         }
 
     def drop(self) -> None:

@@ -286,3 +286,83 @@ def test_keyword_entries_carry_their_neighbours_and_follow_the_setting(
     r = pipeline(alone, counting).run([docs_dir])
     assert r.ok and r.chunks_added == 0 and counting.texts == []
     assert keyword(alone, "journal") == ["Restores"]
+
+
+def _set_documents(p: Pipeline, ids: list[str], texts: list[str]) -> None:
+    # with the vectors: texts alone would have Chroma embed them (its default model: a download)
+    vectors = p.store.collection.get(ids=ids, include=["embeddings"])
+    order = {cid: i for i, cid in enumerate(vectors["ids"])}
+    p.store.collection.update(
+        ids=ids, documents=texts, embeddings=[vectors["embeddings"][order[cid]] for cid in ids]
+    )
+
+
+def _chroma_documents(p: Pipeline) -> dict[str, str | None]:
+    got = p.store.collection.get(include=["documents"])
+    return dict(zip(got["ids"], got["documents"], strict=True))
+
+
+def test_texts_live_in_the_manifest_and_searches_read_them_there(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    (docs_dir / "guide.md").write_text(GUIDE)
+    p = pipeline(settings, counting)
+    assert p.run([docs_dir]).ok
+    # an embedded Chroma holds vectors and metadata, no text (no full-text index to build)
+    assert set(_chroma_documents(p).values()) == {None}
+    m = Manifest(settings.collection_dir() / "manifest.sqlite3")
+    try:
+        rows = m.db.execute("SELECT text, meta FROM chunks").fetchall()
+    finally:
+        m.close()
+    assert rows
+    assert all(text and json.loads(meta)["source"].endswith("guide.md") for text, meta in rows)
+    retriever = Retriever(settings, embedder=counting)
+    for mode in ("dense", "bm25", "hybrid"):
+        top = retriever.search("default Redis URL", 2, mode)[0]  # type: ignore[arg-type]
+        assert "redis://127.0.0.1:6379/0" in top.text, mode
+        assert top.metadata["heading"] == "Installing > Redis", mode
+        if mode != "bm25":  # the cosine (BM25 alone computes none)
+            assert top.relevance is not None and top.relevance > 0.3, mode
+
+
+def test_an_index_from_before_texts_moved_is_read_then_migrated(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    """Ingested by the version that kept texts in Chroma: searches read them there until the
+    next ingest copies them into the manifest (once), after which Chroma's are not needed."""
+    (docs_dir / "guide.md").write_text(GUIDE)
+    (docs_dir / "faq.md").write_text(FAQ)
+    p = pipeline(settings, counting)
+    assert p.run([docs_dir]).ok
+    path = settings.collection_dir() / "manifest.sqlite3"
+    m = Manifest(path)
+    try:  # the old layout: texts in Chroma, a manifest without text or meta columns
+        rows = m.db.execute("SELECT id, text, meta FROM chunks").fetchall()
+        _set_documents(p, [r[0] for r in rows], [r[1] for r in rows])
+        m.db.execute("ALTER TABLE chunks DROP COLUMN text")
+        m.db.execute("ALTER TABLE chunks DROP COLUMN meta")
+    finally:
+        m.close()
+
+    def redis_hit(retriever: Retriever) -> str:
+        top = retriever.search("default Redis URL", 2, "hybrid")[0]
+        assert top.metadata["heading"] == "Installing > Redis"
+        return top.text
+
+    assert "6379/0" in redis_hit(Retriever(settings, embedder=counting))
+
+    counting.texts.clear()
+    r = pipeline(settings, counting).run([docs_dir])  # nothing changed: nothing embedded …
+    assert r.ok and r.chunks_added == 0 and not counting.texts
+    m = Manifest(path)
+    try:  # … but every text copied, with its metadata
+        assert m.get_meta("texts_missing") is None
+        copied = dict(m.db.execute("SELECT id, text FROM chunks").fetchall())
+        metas = [json.loads(x) for (x,) in m.db.execute("SELECT meta FROM chunks")]
+    finally:
+        m.close()
+    assert copied == {r[0]: r[1] for r in rows}
+    assert {meta["title"] for meta in metas} == {"Installing", "FAQ"}
+    _set_documents(p, list(copied), [""] * len(copied))
+    assert "6379/0" in redis_hit(Retriever(settings, embedder=counting))  # from the manifest
