@@ -91,6 +91,70 @@ def test_a_long_paragraph_is_tokenised_once(tok: HFTokenizer) -> None:
     assert len(calls) == 1 + len(plain)  # the paragraph's offsets, then each chunk's ids
 
 
+def test_a_bert_tokenizer_tokenises_each_text_once(tok: HFTokenizer) -> None:
+    """With the model's (BERT) tokenizer each chunk's ids are put together from the pieces
+    tokenised to cut it: the paragraph is the only text tokenised, besides the title."""
+    calls: list[str] = []
+
+    class Counting(HFTokenizer):
+        def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+            calls.append(text)
+            return super().encode(text)
+
+        def ids(self, text: str) -> list[int]:
+            calls.append(text)
+            return super().ids(text)
+
+    counting = Counting(Embedder().tokenizer_path)
+    assert counting.composable and (counting.head, counting.tail) == ((101,), (102,))
+    para = " ".join(f"Sentence {i} is about chunking by model tokens." for i in range(100))
+    chunks = Chunker(counting, 128, 16).chunk(doc(Section(para, ("Guide", "Size"))), "k")
+    assert len(chunks) > 5
+    assert calls == ["Guide\nSize", para]
+    for c in chunks:
+        assert list(c.token_ids) == tok.ids(c.embed_text)
+
+
+HARD_TEXT = [
+    "Café naïve résumé — “quoted” façade; Ünïcödé accents stay (lowercased, not stripped).",
+    "中文字符被单独切分。日本語のテキストも。 Mixed 中文 and English, emoji 🙂🚀 and ☃.",
+    "A very long word: " + "antidisestablishmentarianism" * 8 + " then more words after it.",
+    "Tabs\tand\u00a0non-breaking\u2003spaces, a zero\u200bwidth space, control\x07chars.",
+    "Numbers 3.14159, 1,000,000 and e-mail a.b@example.com; URLs https://x.y/z?q=1&r=2.",
+    "Hyphen-ated, under_scored, CamelCase, ALLCAPS, O'Brien's, rock'n'roll, C++ and C#.",
+]
+
+
+def test_composed_ids_are_what_the_tokenizer_gives(tok: HFTokenizer) -> None:
+    """Paragraphs that fit, sentences cut from long ones, hard-split giant words, headings,
+    accents, CJK, emoji, odd whitespace: every chunk's ids are exactly the tokenizer's ids of
+    its text, and the chunks are those of a tokenizer that tokenises every chunk again."""
+    # and a sentence longer than a chunk, of words WordPiece cuts into pieces: hard-split
+    run_on = " ".join(["tokenisation-unbelievablenesses Überzeugungsarbeit"] * 90)
+    long_para = " ".join(HARD_TEXT * 6 + [run_on] + HARD_TEXT * 6)
+    giant = "x" * 3000 + " " + "é" * 700
+    sections = [
+        Section("\n\n".join(HARD_TEXT), ("Guide", "Café > Überblick")),
+        Section(long_para, ("Guide", "中文")),
+        Section(giant + "\n\n" + HARD_TEXT[0], ()),
+        Section("\n\n".join(["short paragraph 🙂"] * 60), ("Guide", "Many")),
+    ]
+
+    class Recompute(HFTokenizer):
+        composable = False
+
+    again = Recompute(Embedder().tokenizer_path)
+    again.composable = False
+    for size, overlap in ((256, 32), (64, 16)):
+        chunks = Chunker(tok, size, overlap).chunk(doc(*sections, title="Téstdoc"), "k")
+        assert len(chunks) > 10
+        for c in chunks:
+            assert list(c.token_ids) == tok.ids(c.embed_text), c.embed_text[:80]
+            assert c.tokens == len(c.token_ids) <= size
+        slow = Chunker(again, size, overlap).chunk(doc(*sections, title="Téstdoc"), "k")
+        assert [(c.id, c.token_ids) for c in chunks] == [(c.id, c.token_ids) for c in slow]
+
+
 def test_overlap_between_consecutive_pieces(tok: HFTokenizer) -> None:
     text = " ".join(f"Fact {i} is here." for i in range(200))
     chunks = Chunker(tok, 64, 16).chunk(doc(Section(text)), "k")
