@@ -56,7 +56,8 @@ def encode_meta(meta: Mapping[str, str | int | float | bool]) -> str:
 
 
 class Manifest:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrate: bool = True) -> None:
+        """``migrate`` False (a dry run): leave a manifest from an older version as it is."""
         path.parent.mkdir(parents=True, exist_ok=True)
         # one writer at a time is guaranteed by the ingest lock; readers may be other processes
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -64,7 +65,7 @@ class Manifest:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(chunks)")}
-        if "text" not in columns:  # written before chunks kept their text: ingest copies it
+        if "text" not in columns and migrate:  # from before chunks kept their text
             with self._txn():
                 self.db.execute("ALTER TABLE chunks ADD COLUMN text TEXT")
                 self.db.execute("ALTER TABLE chunks ADD COLUMN meta TEXT")

@@ -201,7 +201,8 @@ class Pipeline:
         report = Report()
         files, scopes = self._collect(paths, report)
         if dry_run:
-            manifest = Manifest(self.dir / "manifest.sqlite3") if self.dir.exists() else None
+            path = self.dir / "manifest.sqlite3"
+            manifest = Manifest(path, migrate=False) if path.exists() else None
             try:
                 self._plan(files, scopes, manifest, report, prune, reset)
             finally:

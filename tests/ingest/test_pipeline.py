@@ -345,6 +345,17 @@ def test_an_index_from_before_texts_moved_is_read_then_migrated(
     finally:
         m.close()
 
+    def columns() -> set[str]:
+        m = Manifest(path, migrate=False)
+        try:
+            return {row[1] for row in m.db.execute("PRAGMA table_info(chunks)")}
+        finally:
+            m.close()
+
+    # a dry run writes nothing, not even the new columns
+    assert pipeline(settings, counting).run([docs_dir], dry_run=True).ok
+    assert "text" not in columns()
+
     def redis_hit(retriever: Retriever) -> str:
         top = retriever.search("default Redis URL", 2, "hybrid")[0]
         assert top.metadata["heading"] == "Installing > Redis"
