@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -79,6 +79,7 @@ class OpenAICompatLLM:
         )
         # servers that reject stream_options get one retry without it, then never again
         self._usage_option = True
+        self._idle = _IdleStreams(self.read_timeout)
 
     @property
     def model_name(self) -> str:
@@ -243,6 +244,9 @@ class _OpenAIGeneration(Generation):
                 reason: FinishReason = "stop"
                 usage_seen = False
                 read = _Read()
+                body = _aiohttp_body(response)
+                if body is not None:
+                    stack.enter_context(self._llm._idle.watch(body, read))
                 chunks = _chunks(response, self._llm.base_url, read)
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
@@ -383,29 +387,92 @@ def _aiohttp_body(response: Any) -> aiohttp.ClientResponse | None:
 
 class _Read:
     """Whether lines of the read that gave the last line are still to come (``_lines`` keeps
-    it; True where it cannot tell)."""
+    it; True where it cannot tell), and how many network reads the stream has had."""
 
-    __slots__ = ("more",)
+    __slots__ = ("more", "reads")
 
     def __init__(self) -> None:
         self.more = True
+        self.reads = 0
 
 
-async def _lines(response: Any, read: _Read | None = None) -> AsyncIterator[str]:
-    """The event stream's lines (without their ends), then one empty line: the end of the
-    body dispatches an event that had no blank line after it. ``read.more`` says, with each
-    line, whether more lines of the same network read follow it."""
-    read = read or _Read()
+class _IdleStreams:
+    """The read timeout of the open streams (the longest wait for their next bytes), kept by
+    one timer for all of them.
+
+    aiohttp keeps a read timeout per connection by moving a timer at every network read
+    (cancel it, schedule a new one): with a paced model that is a timer per token, 3.5% of
+    the server's event loop with 1,000 answers streaming (py-spy). Once a stream's response
+    is open (aiohttp's timeout has covered the wait for its headers), its connection's
+    timeout is switched off and the stream is watched here instead: a check every quarter of
+    the timeout (at most a second) compares each stream's count of reads with the last
+    check's, and fails a stream that has had none for the timeout — the same error aiohttp
+    raises, so the caller still gets ``LLMTimeout`` — between 1 and 1.25 timeouts after its
+    last bytes. A read costs one increment."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.every_s = min(1.0, timeout_s / 4)
+        self._streams: dict[_Read, list[Any]] = {}  # read -> [reads seen, since, body]
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @contextlib.contextmanager
+    def watch(self, body: aiohttp.ClientResponse, read: _Read) -> Iterator[None]:
+        connection = body.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is None or not self.timeout_s:
+            yield  # nothing to take over (an unreachable case: aiohttp's timeout stays)
+            return
+        # aiohttp sets it again for the connection's next request; a timer it already armed
+        # is dropped at the next read, or fires as before
+        protocol.read_timeout = None
+        loop = asyncio.get_running_loop()
+        self._streams[read] = [read.reads, loop.time(), body]
+        if self._timer is None or self._loop is not loop:  # (a closed loop's timer is dead)
+            self._loop = loop
+            self._timer = loop.call_later(self.every_s, self._check)
+        try:
+            yield
+        finally:
+            self._streams.pop(read, None)
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._streams:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for read, seen in list(self._streams.items()):
+            if read.reads != seen[0]:
+                seen[0], seen[1] = read.reads, now
+            elif now - seen[1] >= self.timeout_s:
+                del self._streams[read]
+                # what aiohttp's own read timeout raises: the read waiting on it fails now
+                seen[2].content.set_exception(
+                    aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+                )
+        if self._streams:
+            self._timer = loop.call_later(self.every_s, self._check)
+
+
+async def _reads(response: Any, read: _Read) -> AsyncGenerator[tuple[list[str], bool], None]:
+    """The event stream's lines (without their ends), a list for each network read, then a
+    last list (``True`` beside it) ending with one empty line: the end of the body
+    dispatches an event that had no blank line after it. Handed over a read at a time, so
+    that the usual read (one token's event: a data line and a blank one) costs the reader
+    one resumption, not two."""
     body = _aiohttp_body(response)
     if body is None:
         async for line in response.iter_lines():
-            yield line
-        yield ""
+            yield [line], False
+        yield [""], True
         return
     rest = b""
     # each read is whatever the network has brought (often one token's event); a line cut
     # between reads waits in ``rest``; CRLF and lone CR end lines too (the SSE spec)
     async for data in body.content.iter_any():
+        read.reads += 1
         data = rest + data if rest else data
         if b"\r" in data:
             if data.endswith(b"\r"):  # maybe half of a CRLF: decide with the next read
@@ -418,14 +485,25 @@ async def _lines(response: Any, read: _Read | None = None) -> AsyncIterator[str]
         *lines, tail = data.split(b"\n")
         # a held-back CR ends ``tail`` as a line whatever comes next
         rest = tail + b"\r" if rest else tail
-        last = len(lines) - 1
-        for i, line in enumerate(lines):
-            read.more = i < last
-            yield line.decode("utf-8", "replace")
-    read.more = True
+        if lines:
+            yield [line.decode("utf-8", "replace") for line in lines], False
     if rest.rstrip(b"\r"):
-        yield rest.rstrip(b"\r").decode("utf-8", "replace")
-    yield ""
+        yield [rest.rstrip(b"\r").decode("utf-8", "replace"), ""], True
+    else:
+        yield [""], True
+
+
+async def _lines(response: Any, read: _Read | None = None) -> AsyncIterator[str]:
+    """``_reads`` a line at a time; ``read.more`` says, with each line, whether more lines
+    of the same network read follow it (True for the end's lines: it cannot tell)."""
+    read = read or _Read()
+    batches = _reads(response, read)
+    async with contextlib.aclosing(batches):
+        async for lines, end in batches:
+            last = len(lines) - 1
+            for i, line in enumerate(lines):
+                read.more = end or i < last
+                yield line
 
 
 async def _chunks(
@@ -434,30 +512,38 @@ async def _chunks(
     """The JSON objects of a chat-completion event stream (Server-Sent Events), up to
     ``[DONE]``; an ``error`` event or an ``{"error": ...}`` object raises LLMError. ``read``:
     as for ``_lines`` (an object is dispatched by the blank line after it)."""
+    read = read or _Read()
     event = ""
     data: list[str] = []
+    batches = _reads(response, read)
     try:
-        async for line in _lines(response, read):
-            if line:
-                field, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if field == "data":
-                    data.append(value)
-                elif field == "event":
-                    event = value
-                continue  # comments (": ping"), id:, retry:
-            if not data:
-                continue
-            text, kind, event, data = "\n".join(data), event, "", []
-            if text.strip() == "[DONE]":
-                return
-            chunk = _loads(text)
-            if kind == "error" or (isinstance(chunk, dict) and chunk.get("error") is not None):
-                error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
-                message = error.get("message") if isinstance(error, dict) else error
-                raise LLMError(f"the LLM server at {base_url} failed: {str(message)[:200]}")
-            if isinstance(chunk, dict):
-                yield chunk
+        async with contextlib.aclosing(batches):
+            async for lines, end in batches:
+                last = len(lines) - 1
+                for i, line in enumerate(lines):
+                    if line:
+                        field, _, value = line.partition(":")
+                        value = value[1:] if value.startswith(" ") else value
+                        if field == "data":
+                            data.append(value)
+                        elif field == "event":
+                            event = value
+                        continue  # comments (": ping"), id:, retry:
+                    if not data:
+                        continue
+                    text, kind, event, data = "\n".join(data), event, "", []
+                    if text.strip() == "[DONE]":
+                        return
+                    chunk = _loads(text)
+                    if kind == "error" or (
+                        isinstance(chunk, dict) and chunk.get("error") is not None
+                    ):
+                        error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
+                        message = error.get("message") if isinstance(error, dict) else error
+                        raise LLMError(f"the LLM server at {base_url} failed: {str(message)[:200]}")
+                    if isinstance(chunk, dict):
+                        read.more = end or i < last
+                        yield chunk
     except _READ_TIMEOUTS as exc:
         if _timed_out(exc):
             raise LLMTimeout(f"the LLM server at {base_url} timed out") from exc

@@ -330,8 +330,13 @@ async def test_a_stream_that_stops_midway_times_out_after_its_tokens(
             with pytest.raises(LLMTimeout, match="timed out"):
                 async for delta in gen:
                     got.append(delta)
+                    # one timer for every open stream keeps the timeout, not aiohttp's
+                    # timer moved at each read
+                    (body,) = [entry[2] for entry in llm._idle._streams.values()]
+                    assert body.connection.protocol.read_timeout is None
             assert got == ["Hi"]
             assert 0.4 < time.monotonic() - t0 < 2.5  # the timeout, not the server's pause
+            assert not llm._idle._streams
         finally:
             await llm.aclose()
     # and a stream with pauses shorter than the timeout is read whole, after the pause
@@ -423,3 +428,27 @@ async def test_the_reader_is_told_when_a_read_has_more_lines() -> None:
     assert blanks[0] is False and blanks[1] is True and blanks[2] is True
     assert seen[-2] == ("data: [DONE]", False)
     assert seen[-1] == ("", True)
+
+
+async def test_the_stream_is_told_when_a_read_has_more_chunks() -> None:
+    """The same for the chunks the stream is parsed into, a network read at a time: the
+    first chunk came alone in its read; of the second read's chunks all but the last have
+    more after them."""
+    with run_stub(gap_s=0.3) as (url, _):
+        llm = OpenAICompatLLM(url, model="stub-model")
+        try:
+            async with llm._client.chat.completions.with_streaming_response.create(
+                model="stub-model",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            ) as response:
+                read = openai_compat._Read()
+                seen = [
+                    (chunk.get("usage") is not None, read.more)
+                    async for chunk in openai_compat._chunks(response, url, read)
+                ]
+        finally:
+            await llm.aclose()
+    assert seen == [(False, False), (False, True), (False, True), (True, True)]
+    assert read.reads >= 2
