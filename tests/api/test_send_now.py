@@ -14,10 +14,11 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
 
 from rag_chat.api.ws import SEND_TEXT_NOW, Connection
 from rag_chat.auth import anonymous
-from rag_chat.server import ws_protocol
+from rag_chat.server import _text_header, ws_protocol
 
 BIG = "x" * 60_000  # a few of these fill the socket's buffers of a client that does not read
 
@@ -37,6 +38,7 @@ class App:
         self.go = asyncio.Event()
         self.done = asyncio.Event()
         self.frames = 0  # messages to send; 0: fill the client's buffers until refused
+        self.plan: list[str] = []  # or these messages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "websocket"
@@ -44,7 +46,10 @@ class App:
         await send({"type": "websocket.accept"})
         self.extension = scope.get("extensions", {}).get(SEND_TEXT_NOW)
         await self.go.wait()
-        if self.frames:
+        if self.plan:
+            for text in self.plan:
+                self.answers.append(self.extension(text))
+        elif self.frames:
             for i in range(self.frames):
                 self.answers.append(self.extension(f"m{i}"))
         else:
@@ -97,6 +102,31 @@ async def test_the_server_offers_a_send_that_goes_out_at_once(server: tuple[App,
             break
         await asyncio.sleep(0.01)
     assert app.answers[5] is False  # the client went: the ASGI send reports it
+
+
+@pytest.mark.parametrize("compression", ["deflate", None])
+async def test_frames_of_every_header_size_arrive_whole(
+    server: tuple[App, str], compression: str | None
+) -> None:
+    """Plain frames are written by rag_chat (7-bit and 16-bit lengths); longer messages, and
+    those of 256 bytes or more where deflate was negotiated, go through websockets."""
+    app, url = server
+    sizes = [0, 1, 125, 126, 255, 256, 300, 65_535, 65_536, 70_000]
+    texts = ["é" * (n // 2) + "x" * (n % 2) for n in sizes]  # n bytes of UTF-8 each
+    app.plan = texts
+    async with connect(url, compression=compression, max_size=None) as ws:
+        app.go.set()
+        await asyncio.wait_for(app.done.wait(), 5)
+        assert app.answers == [True] * len(texts)
+        assert [await asyncio.wait_for(ws.recv(), 5) for _ in texts] == texts
+
+
+def test_a_plain_frame_is_what_websockets_would_write() -> None:
+    for n in [0, 1, 125, 126, 127, 255, 256, 4_096, 65_535]:
+        data = b"x" * n
+        assert _text_header(n) + data == Frame(Opcode.TEXT, data).serialize(
+            mask=False, extensions=[]
+        )
 
 
 async def test_a_client_that_does_not_read_is_refused_not_buffered(
