@@ -198,3 +198,53 @@ async def test_rag_chat_backend_cancel_stops_the_token_server(
         assert gen.finish_reason == "length" and gen.usage.completion_tokens == 10
     finally:
         await llm.aclose()
+
+
+async def test_paced_tokens_are_written_by_timer_callbacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under uvicorn (httptools), a paced stream's chunks are written to the transport from
+    timer callbacks rather than sent by its task through ASGI: the same bytes, read here by
+    the official SDK; a stream that has no uvicorn send behind it takes the ASGI way."""
+    import asyncio
+    import socket
+
+    import uvicorn
+
+    from rag_chat.testing import token_server
+
+    runs: list[int] = []
+    real_run = token_server._Paced.run
+
+    async def counting_run(self: token_server._Paced, head: bytes, tail: bytes) -> int:
+        sent = await real_run(self, head, tail)
+        runs.append(sent)
+        return sent
+
+    monkeypatch.setattr(token_server._Paced, "run", counting_run)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        token_server.create_app(tokens=25, rate=500.0),
+        port=port,
+        http="httptools",
+        lifespan="off",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        async with openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0
+        ) as client:
+            stream = await client.chat.completions.create(model="m", messages=ASK, stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == token_text(25)
+        assert runs == [25]  # every token through the callbacks
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+    assert token_server._direct(lambda message: None) is None  # type: ignore[arg-type, return-value]
