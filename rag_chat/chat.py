@@ -21,8 +21,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -254,16 +253,11 @@ class Reply:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    async def events(self) -> AsyncIterator[Event]:
-        # counted here, whatever the transport: every reply generating on this instance
-        in_flight = self.service.metrics.replies_in_flight
-        in_flight.inc()
-        try:
-            async with aclosing(self._events()) as events:
-                async for event in events:
-                    yield event
-        finally:
-            in_flight.dec()
+    def events(self) -> AsyncGenerator[Event, None]:
+        """The reply's events, counted in ``replies_in_flight`` while they run whatever the
+        transport. The generator itself, not one wrapping it: a wrapper was one more
+        resumption per token, 2% of the server at 1,000 clients (py-spy)."""
+        return self._events()
 
     async def _events(self) -> AsyncGenerator[Event, None]:
         svc = self.service
@@ -273,7 +267,14 @@ class Reply:
         admit_ms = None if self.received is None else (started - self.received) * 1000
         if admit_ms is not None:
             metrics.admit.observe(admit_ms / 1000)
-        yield {"type": "ai.start", **base}
+        # every reply generating on this instance, whatever the transport
+        in_flight = metrics.replies_in_flight
+        in_flight.inc()
+        try:
+            yield {"type": "ai.start", **base}
+        except BaseException:  # closed or cancelled at its start
+            in_flight.dec()
+            raise
         try:
             history = self.history
             if history is None:
@@ -388,6 +389,8 @@ class Reply:
             if isinstance(exc, LLMError):
                 metrics.llm_errors.labels(exc.code).inc()
             yield {"type": "error", **base, "code": exc.code, "message": str(exc)}
+        finally:
+            in_flight.dec()
 
     async def _dont_know(
         self,
