@@ -159,8 +159,8 @@ def _dropping_protocol() -> Any:
                 and not conn.debug
             ):
                 # what conn.send_text would write, without building and serialising a Frame
-                # (a server's frames are unmasked; this one is uncompressed): a sixth of the
-                # cost of relaying a token at 1,000 clients went to that machinery
+                # (a server's frames are unmasked; this one is uncompressed): that machinery
+                # was about 2% of the server's loop at 1,000 clients (py-spy)
                 self.transport.write(_text_header(len(data)) + data)
                 return True
             try:

@@ -221,8 +221,10 @@ class _Completion(Response):
             if cycle is not None and _writable(cycle):
                 # paced, and the connection takes writes now: the tokens go out from timer
                 # callbacks; this task wakes when they are all out or the socket is full
-                paced = _Paced(cycle, stats, record, tokens, i, n, rate, start)
-                i = await paced.run(open_content, suffix)
+                paced = _Paced(
+                    cycle, stats, record, open_content, tokens, suffix, i, n, rate, start
+                )
+                i = await paced.run()
                 if i < n:  # the socket is full: wait for it the ASGI way, then on
                     cycle = None
                 continue
@@ -315,21 +317,22 @@ class _Paced:
         cycle: Any,
         stats: Stats,
         record: Record,
+        head: bytes,
         tokens: list[bytes],
+        tail: bytes,
         i: int,
         n: int,
         rate: float,
         start: float,
     ) -> None:
         self.cycle, self.stats, self.record = cycle, stats, record
-        self.tokens, self.i, self.n, self.rate, self.start = tokens, i, n, rate, start
+        self.head, self.tokens, self.tail = head, tokens, tail  # a chunk: head + token + tail
+        self.i, self.n, self.rate, self.start = i, n, rate, start
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.timer: asyncio.TimerHandle | None = None
-        self.head = self.tail = b""
 
-    async def run(self, head: bytes, tail: bytes) -> int:
-        self.head, self.tail = head, tail
+    async def run(self) -> int:
         self.timer = self.loop.call_at(self.start + self.i / self.rate, self._emit)
         try:
             await self.done

@@ -216,8 +216,8 @@ async def test_paced_tokens_are_written_by_timer_callbacks(
     runs: list[int] = []
     real_run = token_server._Paced.run
 
-    async def counting_run(self: token_server._Paced, head: bytes, tail: bytes) -> int:
-        sent = await real_run(self, head, tail)
+    async def counting_run(self: token_server._Paced) -> int:
+        sent = await real_run(self)
         runs.append(sent)
         return sent
 
