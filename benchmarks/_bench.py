@@ -329,25 +329,30 @@ def search_process_pid(server_pid: int) -> int | None:
 
 
 class CpuMeter:
-    """CPU seconds taken by several processes over a stretch of wall time."""
+    """CPU seconds taken by several processes over a stretch of wall time (a name may stand
+    for several processes: their sum)."""
 
-    def __init__(self, pids: dict[str, int | None]) -> None:
-        self.pids = {k: v for k, v in pids.items() if v is not None}
+    def __init__(self, pids: dict[str, int | list[int | None] | None]) -> None:
+        self.pids: dict[str, list[int]] = {}
+        for name, pid in pids.items():
+            found = [p for p in (pid if isinstance(pid, list) else [pid]) if p is not None]
+            if found:
+                self.pids[name] = found
         self.t0 = time.perf_counter()
         self.c0 = {k: self._read(p) for k, p in self.pids.items()}
 
     @staticmethod
-    def _read(pid: int) -> float:
+    def _read(pids: list[int]) -> float:
         try:
-            return cpu_seconds(pid)
+            return sum(cpu_seconds(pid) for pid in pids)
         except OSError:
             return math.nan
 
     def stop(self) -> dict[str, dict[str, float]]:
         wall = time.perf_counter() - self.t0
         out = {}
-        for name, pid in self.pids.items():
-            used = self._read(pid) - self.c0[name]
+        for name, pids in self.pids.items():
+            used = self._read(pids) - self.c0[name]
             out[name] = {"cpu_s": round(used, 2), "cores": round(used / wall, 3) if wall else 0.0}
         out["_wall"] = {"cpu_s": round(wall, 2), "cores": 1.0}
         return out

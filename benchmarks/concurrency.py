@@ -146,13 +146,17 @@ class Answer:
         return out
 
 
-async def open_clients(url: str, n: int, addresses: int, deflate: bool) -> list[ClientConnection]:
+async def open_clients(
+    urls: list[str], n: int, addresses: int, deflate: bool
+) -> list[ClientConnection]:
+    """``n`` connections, spread in turn over the servers at ``urls`` (what a load balancer in
+    front of several instances would do)."""
     gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
 
     async def one(i: int) -> ClientConnection:
         async with gate:
             return await connect(
-                url,
+                urls[i % len(urls)],
                 proxy=None,
                 max_queue=None,
                 open_timeout=60,
@@ -267,22 +271,22 @@ async def client_loop(
 
 
 async def run_level(
-    args: argparse.Namespace, server: Any, token: Any, n: int, questions: list[str]
+    args: argparse.Namespace, servers: list[Any], token: Any, n: int, questions: list[str]
 ) -> dict[str, Any]:
     want = token_text(args.tokens)
     reply_s = args.tokens / args.rate
     addresses = max(1, math.ceil(n / PER_ADDRESS))
     httpx.delete(token.url + "/stats", timeout=10, trust_env=False)
     load_before = machine_load()
-    before = scrape(server.url)
+    before = [scrape(s.url) for s in servers]
     t_connect = time.perf_counter()
-    clients = await open_clients(server.ws_url, n, addresses, args.deflate)
+    clients = await open_clients([s.ws_url for s in servers], n, addresses, args.deflate)
     connect_s = time.perf_counter() - t_connect
     meter = CpuMeter(
         {
             "load generator": os.getpid(),
-            "rag_chat": server.pid,
-            "search process": search_process_pid(server.pid),
+            "rag_chat": [s.pid for s in servers],
+            "search process": [search_process_pid(s.pid) for s in servers],
             "token server": token.pid,
             "redis (shared)": find_pid("redis-server"),
         }
@@ -319,7 +323,7 @@ async def run_level(
     wall = time.perf_counter() - t0
     cpu = meter.stop()
     probe.cancel()
-    after = scrape(server.url)
+    after = [scrape(s.url) for s in servers]
     stats = httpx.get(token.url + "/stats", timeout=10, trust_env=False).json()
     await close_clients(clients)
 
@@ -343,9 +347,19 @@ async def run_level(
     complete = sum(a.complete for a in answers)
     no_match = sum(a.no_match for a in answers)
     all_tokens = complete == len(answers) and received == stats["tokens_sent"]
-    lag_server = histogram_quantile(before, after, "rag_event_loop_lag_seconds", 0.99)
+    # several instances: the worst instance's lag, the others' counters added up
+    lags_each = [
+        histogram_quantile(b, a, "rag_event_loop_lag_seconds", 0.99)
+        for b, a in zip(before, after, strict=True)
+    ]
+    lag_server = max((x for x in lags_each if x is not None), default=None)
+
+    def delta(name: str) -> float:
+        return sum(counter_delta(b, a, name) for b, a in zip(before, after, strict=True))
+
     level = {
         "clients": n,
+        "instances": len(servers),
         "addresses": addresses,
         "connect_s": connect_s,
         "wall_s": wall,
@@ -373,18 +387,13 @@ async def run_level(
         "errors": errors,
         "cpu": cpu,
         "server_loop_lag_p99_s_bucket": lag_server,
-        "server_slow_consumers_dropped": counter_delta(
-            before, after, "rag_slow_consumers_dropped_total"
-        ),
-        "server_errors_sent": counter_delta(before, after, "rag_errors_total"),
+        "server_slow_consumers_dropped": delta("rag_slow_consumers_dropped_total"),
+        "server_errors_sent": delta("rag_errors_total"),
         # the server's garbage-collector pauses during the level, by generation
         "server_gc": {
             g: {
-                "collections": counter_delta(
-                    before, after, f'rag_gc_pause_seconds_count{{generation="{g}"}}'
-                ),
-                "pause_ms": 1e3
-                * counter_delta(before, after, f'rag_gc_pause_seconds_sum{{generation="{g}"}}'),
+                "collections": delta(f'rag_gc_pause_seconds_count{{generation="{g}"}}'),
+                "pause_ms": 1e3 * delta(f'rag_gc_pause_seconds_sum{{generation="{g}"}}'),
             }
             for g in "012"
         },
@@ -459,12 +468,12 @@ def print_level(level: dict[str, Any]) -> None:
 
 
 async def load_test(
-    args: argparse.Namespace, server: Any, token: Any, questions: list[str]
+    args: argparse.Namespace, servers: list[Any], token: Any, questions: list[str]
 ) -> list[dict[str, Any]]:
     levels = []
     for n in args.levels:
         print(f"level {n} clients …", flush=True)
-        level = await run_level(args, server, token, n, questions)
+        level = await run_level(args, servers, token, n, questions)
         print_level(level)
         levels.append(level)
         # let the server settle: nothing in flight before the next level
@@ -621,6 +630,12 @@ def main() -> int:
     parser.add_argument("--collection", default="docs", help="RAG_COLLECTION (default docs)")
     parser.add_argument("--clients", type=int, default=1000, help="clients (default 1000)")
     parser.add_argument("--sweep", help="client counts, e.g. 100,250,500,1000,1500")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="rag_chat servers sharing the Redis and the index, clients spread over them (1)",
+    )
     parser.add_argument("--tokens", type=int, default=200, help="tokens per answer (default 200)")
     parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream (20)")
     parser.add_argument(
@@ -651,6 +666,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.rate <= 0 or args.tokens < 1:
         parser.error("--rate and --tokens must be positive")
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
     args.ramp = args.tokens / args.rate if args.ramp is None else args.ramp
     args.levels = (
         [int(x) for x in args.sweep.split(",") if x.strip()] if args.sweep else [args.clients]
@@ -673,13 +690,17 @@ def main() -> int:
     prefix = new_prefix("concurrency")
     logs = log_dir("concurrency")
     token = start_token_server(logs, args.tokens, args.rate)
-    server = None
+    servers: list[Any] = []
     try:
         wait_ready([token], "/v1/models", 60)
-        server = start_rag_chat(logs, data_dir, args.collection, token.url + "/v1", prefix)
-        wait_ready([server], "/readyz")
+        for i in range(1 if args.idle else args.instances):
+            name = "rag_chat" if i == 0 else f"rag_chat{i + 1}"
+            servers.append(
+                start_rag_chat(logs, data_dir, args.collection, token.url + "/v1", prefix, name)
+            )
+        wait_ready(servers, "/readyz")
         if args.idle:
-            result = run_loop(args, idle_test(args, server))
+            result = run_loop(args, idle_test(args, servers[0]))
             path = save_json(
                 f"concurrency_idle{args.tag}.json",
                 {
@@ -690,9 +711,9 @@ def main() -> int:
             )
             print(f"\nraw figures: {path}")
             return 0
-        levels = run_loop(args, load_test(args, server, token, questions))
+        levels = run_loop(args, load_test(args, servers, token, questions))
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
         token.stop()
         delete_prefix(prefix)
