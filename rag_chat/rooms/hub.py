@@ -72,16 +72,21 @@ class RoomHub:
                 await asyncio.wait_for(task, STOP_WAIT_S)
 
     async def subscribe(
-        self, room: str, after: int | None, deliver: Callable[[Event], None]
+        self,
+        room: str,
+        after: int | None,
+        deliver: Callable[[Event], None],
+        head: int | None = None,
     ) -> Subscription:
-        """Deliver every event of ``room`` with seq > ``after`` (None: from now on)."""
+        """Deliver every event of ``room`` with seq > ``after`` (None: from now on).
+        ``head``: the room's last seq, just read by the caller (a round trip fewer)."""
         if after is None and room in self.cursors:
             # the reader already follows the room: go live from its cursor, no round trip
             sub = Subscription(room, self.cursors[room], deliver)
             self.subs.setdefault(room, set()).add(sub)
             sub.go_live([])
             return sub
-        current = await self.log.last_seq(room)
+        current = await self.log.last_seq(room) if head is None else head
         start = current if after is None else max(0, min(after, current))
         sub = Subscription(room, start, deliver)
         self.subs.setdefault(room, set()).add(sub)

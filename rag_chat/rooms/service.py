@@ -2,8 +2,9 @@
 
 ::
 
-    join ──► hub.subscribe(after) ──► presence.add (+ its join event) ──► joined {members,
-             history, last_seq} ──► the events held meanwhile ──► live
+    join ──► log head ──► hub.subscribe(after) ∥ presence.add (+ its join event)
+             (∥ the history, read from the start) ──► joined {members, history, last_seq}
+             ──► the events held meanwhile ──► live
     message ──► claim client_id (idempotent) ──► log: message ──► memory ──► AI asked? ──┐
     AI reply task (on the instance that took the message) ◄──────────────────────────────┘
         ChatService events ──► log (ai.start, ai.sources, ai.token…, ai.done) ──► every member
@@ -65,6 +66,13 @@ class Member:
     @property
     def limit_key(self) -> str:
         return self.key or f"user:{self.user}"
+
+
+async def _drain(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel ``tasks`` and wait until they are over (their errors are not the caller's)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _cancel(*tasks: asyncio.Task[Any] | None) -> None:
@@ -239,9 +247,20 @@ class Rooms:
         self, member: Member, room: str, last_seq: int | None, deliver: Callable[[Event], None]
     ) -> Subscription:
         """``joined`` first, then every event after ``last_seq`` (or, without one, from the
-        member's own presence join on), then live."""
+        member's own presence join on), then live.
+
+        Two round trips in a row, not five: the history is read from the start, and once the
+        log's head is known the backlog read and the presence entry go together (the presence
+        event comes after that head, so the member gets its own join in its stream). Under
+        load each round trip costs several passes of a busy event loop: a conversation's
+        first question waits for its join."""
         check_room(room)
-        current = await self.log.last_seq(room)
+        history_read = asyncio.ensure_future(self.memory.history(room, HISTORY_ON_JOIN))
+        try:
+            current = await self.log.last_seq(room)
+        except BaseException:
+            await _drain(history_read)
+            raise
         held: list[Event] = []
         live = False
 
@@ -254,14 +273,23 @@ class Rooms:
         old = self._subs.get(member.conn, {}).pop(room, None)
         if old is not None:  # a rejoin (resume) on the same connection replaces the old one
             self.hub.unsubscribe(old)
-        sub = await self.hub.subscribe(room, current if last_seq is None else last_seq, hold)
+        self._local.setdefault(room, {})[member.conn] = member.user
+        added = asyncio.ensure_future(self.presence.add(room, member.conn, member.user))
+        try:
+            sub = await self.hub.subscribe(
+                room, current if last_seq is None else last_seq, hold, head=current
+            )
+        except BaseException:
+            await _drain(history_read, added)
+            await self.leave(member, room)
+            raise
         # registered with no await in between: a cancelled join still gets cleaned up
         self._subs.setdefault(member.conn, {})[room] = sub
-        self._local.setdefault(room, {})[member.conn] = member.user
         try:
-            members = await self.presence.add(room, member.conn, member.user)
-            history = await self.memory.history(room, HISTORY_ON_JOIN)
+            members = await added
+            history = await history_read
         except BaseException:
+            await _drain(history_read, added)
             await self.leave(member, room)
             raise
         deliver(
