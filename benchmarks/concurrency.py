@@ -1,7 +1,7 @@
 """Many clients at once: C WebSockets, each streaming paced answers from rag_chat.
 
     .venv/bin/python benchmarks/concurrency.py --data-dir DIR [--collection NAME]
-                     [--clients 1000 | --sweep 100,250,500,1000,1500]
+                     [--clients 1000 | --sweep 100,250,500,1000,1500] [--instances 1]
                      [--tokens 200] [--rate 20] [--ramp S] [--duration 20]
     .venv/bin/python benchmarks/concurrency.py --data-dir DIR --idle 10000
 
@@ -31,7 +31,9 @@ rest (the question's way in and the first token's way out); CPU taken by the loa
 the server, its search process, the token server and Redis (/proc); the server's own
 event-loop lag p99 (its /metrics histogram: a bucket bound) and the load generator's. A level
 *holds* when p99 gap ≤ 100 ms, p99 TTFT ≤ 300 ms, no errors and every token arrived;
-``--sweep`` reports the knee.
+``--sweep`` reports the knee. ``--instances N``: N servers on the same Redis and index, the
+connections spread over them in turn (as a proxy in front of them would); their CPU is added
+up, the loop lag is the worst instance's.
 
 ``--idle N``: memory per idle connection: the server's RSS before, with N open WebSockets, and
 with each of them also joined to a private conversation (what the browser UI does), divided by N.
