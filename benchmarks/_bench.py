@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "out"
+# BENCH_OUT: somewhere else (the smoke tests write there, not over a real run's figures)
+OUT = Path(os.environ.get("BENCH_OUT") or ROOT / "benchmarks" / "out")
 # next to the checkout (../shared), or SCIFACT_DIR: a checkout elsewhere (a git worktree in
 # /tmp, say) has no ../shared of its own
 SCIFACT = Path(

@@ -554,13 +554,13 @@ async def idle_test(args: argparse.Namespace, server: Any) -> dict[str, Any]:
 
     # one connection and one join first: whatever the first of them loads lazily is not
     # counted against the N
-    warm = await open_clients(server.ws_url, 1, 1, args.deflate)
+    warm = await open_clients([server.ws_url], 1, 1, args.deflate)
     await join_private(warm[0])
     await close_clients(warm)
     await asyncio.sleep(2)
     m0 = mem()
     t = time.perf_counter()
-    clients = await open_clients(server.ws_url, args.idle, 1, args.deflate)
+    clients = await open_clients([server.ws_url], args.idle, 1, args.deflate)
     connect_s = time.perf_counter() - t
     await asyncio.sleep(args.settle)
     m1 = mem()
