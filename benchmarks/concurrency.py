@@ -674,10 +674,19 @@ def main() -> int:
         parser.error("--rate and --tokens must be positive")
     if args.instances < 1:
         parser.error("--instances must be at least 1")
+    if args.idle is not None and args.instances != 1:
+        parser.error("--idle measures one server's memory: it takes no --instances")
+    if args.idle is not None and args.idle < 1:
+        parser.error("--idle must be at least 1")
     args.ramp = args.tokens / args.rate if args.ramp is None else args.ramp
-    args.levels = (
-        [int(x) for x in args.sweep.split(",") if x.strip()] if args.sweep else [args.clients]
-    )
+    try:
+        args.levels = (
+            [int(x) for x in args.sweep.split(",") if x.strip()] if args.sweep else [args.clients]
+        )
+    except ValueError:
+        parser.error(f"--sweep takes client counts separated by commas, not {args.sweep!r}")
+    if not args.levels or min(args.levels) < 1:
+        parser.error("client counts must be at least 1")
     args.tag = "" if args.deflate else "_nodeflate"
     random.seed(args.seed)
     biggest = args.idle or max(args.levels)

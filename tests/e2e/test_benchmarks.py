@@ -48,3 +48,15 @@ def test_the_load_benchmark_runs_with_two_instances_and_measures_idle_memory(
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     idle = json.loads((tmp_path / "concurrency_idle.json").read_text())["idle"]
     assert idle, "no idle figures"
+
+
+def test_the_load_benchmark_refuses_options_it_cannot_honour(tmp_path: Path) -> None:
+    for args, says in (
+        (["--idle", "20", "--instances", "2"], "--idle measures one server's memory"),
+        (["--sweep", "10,x"], "--sweep takes client counts"),
+        (["--clients", "0"], "client counts must be at least 1"),
+    ):
+        r = _run(args, tmp_path)
+        assert r.returncode == 2, (args, r.stdout[-2000:], r.stderr[-2000:])
+        assert says in r.stderr.splitlines()[-1], r.stderr
+        assert not list(tmp_path.iterdir()), "it ran something"
