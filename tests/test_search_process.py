@@ -122,6 +122,25 @@ async def test_a_process_that_cannot_start_leaves_searches_in_the_server(
         await p.aclose()
 
 
+async def test_it_runs_second_to_the_server_when_the_cpu_is_short(
+    proc: SearchProcess, guide_index: Path
+) -> None:
+    """By default the process is niced 5 above the server (Settings.search_nice); 0 keeps
+    the server's niceness."""
+    assert proc.pid is not None
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(mine + 5, 19)
+    same = SearchProcess(Settings(data_dir=guide_index, search_nice=0, _env_file=None))  # type: ignore[call-arg]
+    same.start()
+    try:
+        assert await same.wait_ready(120)
+        assert same.pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, same.pid) == mine
+        assert await same.search(QUESTIONS[0], 3)
+    finally:
+        await same.aclose()
+
+
 async def test_closing_stops_the_process(guide_index: Path) -> None:
     p = SearchProcess(Settings(data_dir=guide_index, _env_file=None))  # type: ignore[call-arg]
     p.start()

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,10 @@ def _serve(settings: Settings, conn: Connection) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the server stops this process
     # itself (None, or its end of the pipe closing), with no traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if settings.search_nice:
+        # second to the server's event loop when the CPU is short (see Settings.search_nice)
+        with contextlib.suppress(AttributeError, OSError):  # no os.nice (Windows)
+            os.nice(settings.search_nice)
     from rag_chat.retrieval.embedder import Embedder
     from rag_chat.retrieval.search import Retriever
 
