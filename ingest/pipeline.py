@@ -62,7 +62,10 @@ class Report:
     chunks_deleted: int = 0
     tokens_embedded: int = 0
     embed_seconds: float = 0.0
-    write_seconds: float = 0.0  # the writer thread: vector store, manifest, keyword terms
+    write_seconds: float = 0.0  # the writer thread's batches: vector store, manifest, terms
+    open_seconds: float = 0.0  # the writer thread opening the vector store (beside the rest)
+    writer_wait_seconds: float = 0.0  # this thread waiting for the writer (a full queue, the end)
+    keyword_seconds: float = 0.0  # rebuilding the keyword index from the manifest
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
     planned: list[tuple[str, str]] = field(default_factory=list)  # (action, path) for --dry-run
@@ -405,7 +408,9 @@ class Pipeline:
         if writer.error is not None:
             raise writer.error
         if (changed or self._keyword_index_stale()) and not report.interrupted:
+            t0 = time.perf_counter()
             self.rebuild_keyword_index(manifest)
+            report.keyword_seconds += time.perf_counter() - t0
             manifest.set_meta("dirty", None)
 
     def _process_file(
@@ -614,7 +619,9 @@ class _Writer:
     def put(self, batch: _Batch) -> None:
         if self.error is not None:
             raise self.error
+        t0 = time.perf_counter()
         self.q.put(batch)
+        self.report.writer_wait_seconds += time.perf_counter() - t0
 
     def prepare(self) -> None:
         """Open the vector store and load the keyword terms' stemmer now, in this thread,
@@ -622,8 +629,10 @@ class _Writer:
         self.q.put(_PREPARE)
 
     def close(self) -> None:
+        t0 = time.perf_counter()
         self.q.put(None)
         self.thread.join()
+        self.report.writer_wait_seconds += time.perf_counter() - t0
 
     def _loop(self) -> None:
         from rag_chat.retrieval.keyword import terms
@@ -636,6 +645,7 @@ class _Writer:
                 if isinstance(batch, str):
                     self.p.store  # noqa: B018 - opens it
                     terms("warm up")
+                    self.report.open_seconds += time.perf_counter() - t0
                     continue
                 self._write(batch, terms)
             except BaseException as exc:  # surfaced to the main thread

@@ -82,6 +82,9 @@ def test_ingest_then_rerun_embeds_nothing(
     assert (r1.files_added, r1.files_ignored) == (3, 1)
     assert r1.chunks_added == len(counting.texts) > 0
     assert store_ids(p) == manifest_ids(settings)
+    # where its time went (what benchmarks/ingest_throughput.py prints), each part timed
+    assert r1.write_seconds > 0 and r1.open_seconds > 0 and r1.keyword_seconds > 0
+    assert 0 < r1.writer_wait_seconds < r1.seconds
     # the vectors stored are the model's vectors of each chunk's text, tokenised from scratch
     stored = p.store.fetch(sorted(store_ids(p)))
     again = Embedder().encode(counting.texts)
@@ -95,6 +98,7 @@ def test_ingest_then_rerun_embeds_nothing(
     assert r2.ok
     assert (r2.files_unchanged, r2.files_added, r2.chunks_added) == (3, 0, 0)
     assert counting.texts == []  # nothing re-embedded
+    assert r2.write_seconds == r2.open_seconds == r2.keyword_seconds == 0  # nothing written
 
     # what landed is searchable, densely and by keyword, with its metadata
     retriever = Retriever(settings, embedder=counting)
