@@ -51,7 +51,8 @@ def test_a_question_streams_start_sources_tokens_done(make_app: Any) -> None:
     assert set(done["timings"]) >= {"retrieval_ms", "ttft_ms", "tokens_per_s", "total_ms"}
     # the prompt carried the numbered sources, fenced, and the question
     prompt = llm.calls[0][-1]["content"]
-    assert "[1] " in prompt and "Question: How do I ingest PDF files?" in prompt
+    assert '<source n="1" ' in prompt and "</source>" in prompt
+    assert prompt.endswith("Question: How do I ingest PDF files?")
 
 
 def test_bad_events_get_errors_and_the_connection_stays_usable(make_app: Any) -> None:
