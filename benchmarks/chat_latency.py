@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/chat_latency.py [--runs 5]
 
 1. Ingests data/ into a temporary data dir and starts ``python -m rag_chat`` on a free port
-   (Redis DB 13, its own key prefix); the client asks QUESTION over the WebSocket, each time in
-   a new conversation, and measures send → first ``ai.token`` and tokens/s over the stream.
+   (Redis DB 13, its own key prefix); the client asks a question over the WebSocket (another
+   each round: QUESTIONS), each time in a new conversation, and measures send → first
+   ``ai.token`` and tokens/s over the stream.
 2. Beside it, in this process: exactly the prompt the server sends (same retrieval, same
    prompt builder), streamed straight from llama-cpp-python (same GGUF, same context size,
-   threads, max_tokens and temperature).
+   threads — the prompt on the cores idle at its start, as the server decides — max_tokens
+   and temperature).
 The two alternate, RUNS times each (the order swapped every other round), so that the
 machine's drift in speed falls on both sides; the idle server costs nothing while the raw
 model runs.
@@ -39,11 +41,16 @@ from websockets.sync.client import connect  # noqa: E402
 
 from ingest.pipeline import Pipeline  # noqa: E402
 from rag_chat.chat import ANSWER_TOKENS, build_prompt  # noqa: E402
-from rag_chat.llm.llama import LlamaCppLLM  # noqa: E402
+from rag_chat.evalsets import load  # noqa: E402
+from rag_chat.llm.llama import LlamaCppLLM, _cpu_times  # noqa: E402
 from rag_chat.retrieval.search import Retriever  # noqa: E402
 from rag_chat.settings import Settings  # noqa: E402
 
-QUESTION = "How do I ingest PDF files, and what happens to files that fail?"
+# a new question each round (the guide's), so that no prompt repeats the one before it
+QUESTIONS = [
+    "How do I ingest PDF files, and what happens to files that fail?",
+    *(q["question"] for q in load("answers.jsonl")),
+]
 TEMPERATURE = 0.2  # what the server's backends use by default
 Row = tuple[float, float, int, list[float]]  # ttft ms, tokens/s, tokens, token times
 Rows = list[Row]
@@ -55,11 +62,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def through_server(url: str, conversation: str) -> Row:
+def through_server(url: str, conversation: str, question: str) -> Row:
     """One answer through the server, in a new conversation."""
     with connect(url.replace("http", "ws") + "/ws", open_timeout=10) as ws:
         t0 = time.perf_counter()
-        ws.send(json.dumps({"type": "message", "text": QUESTION, "conversation_id": conversation}))
+        ws.send(json.dumps({"type": "message", "text": question, "conversation_id": conversation}))
         times: list[float] = []
         while True:
             event = json.loads(ws.recv(timeout=300))
@@ -84,7 +91,7 @@ def row(t0: float, times: list[float]) -> Row:
 
 def prefix_rate(rows: Rows, k: int) -> float:
     """Median tokens/s over each answer's first ``k`` tokens: answers of different lengths
-    (sampling; the prompt's random source boundary) decode at different speeds, since every
+    (sampling, other questions) decode at different speeds, since every
     token attends to all before it."""
     return statistics.median((k - 1) / r[3][k - 1] for r in rows)
 
@@ -92,9 +99,11 @@ def prefix_rate(rows: Rows, k: int) -> float:
 def raw(messages: list[dict[str, str]], llm: LlamaCppLLM) -> Row:
     """One answer straight from llama-cpp-python."""
     llama = llm._load_sync()
-    # llama.cpp reuses the KV cache of an identical prompt prefix: clear it, or every run
-    # after the first skips the prompt (the server's prompts differ run to run)
-    llama.reset()
+    # llama.cpp reuses the KV cache of the previous prompt's common prefix: both sides get the
+    # same prompts in the same order, a new question each round, so they reuse the same (the
+    # system prompt), as a server does from one question to the next
+    # its prompt on as many threads as the server would give it (the cores idle now)
+    llm._set_prompt_threads(llama, (time.monotonic(), _cpu_times()))
     t0 = time.perf_counter()
     times: list[float] = []
     for chunk in llama.create_chat_completion(
@@ -136,14 +145,17 @@ def main() -> int:
             retriever = Retriever(settings)
             llm = LlamaCppLLM()
             asyncio.run(llm.load())
-            hits = retriever.search(QUESTION, settings.top_k, "hybrid")
-            prompt = build_prompt(llm, QUESTION, hits, [], ANSWER_TOKENS)
             served: Rows = []
             direct: Rows = []
+            tokens: list[int] = []
             for i in range(args.runs):
+                question = QUESTIONS[i % len(QUESTIONS)]
+                hits = retriever.search(question, settings.top_k, "hybrid")
+                prompt = build_prompt(llm, question, hits, [], ANSWER_TOKENS)
+                tokens.append(prompt.tokens)
                 if i % 2:  # every other round the raw model goes first
                     direct.append(raw(prompt.messages, llm))
-                served.append(through_server(url, f"b{i}"))
+                served.append(through_server(url, f"b{i}", question))
                 if not i % 2:
                     direct.append(raw(prompt.messages, llm))
         finally:
@@ -157,7 +169,8 @@ def main() -> int:
     def med(rows: Rows, i: int) -> float:
         return statistics.median(float(r[i]) for r in rows)  # type: ignore[arg-type]
 
-    print(f"question: {QUESTION!r}; prompt {prompt.tokens} tokens, {prompt.sources_used} sources")
+    asked = QUESTIONS[: min(args.runs, len(QUESTIONS))]
+    print(f"questions, one a round: {asked}; prompts {min(tokens)}-{max(tokens)} tokens")
     print(f"{'':22}{'TTFT ms (median)':>18}{'tokens/s (median)':>19}{'tokens':>8}")
     for name, rows in (("through rag_chat (WS)", served), ("raw llama-cpp-python", direct)):
         print(f"{name:22}{med(rows, 0):18.0f}{med(rows, 1):19.1f}{med(rows, 2):8.0f}")
@@ -165,7 +178,7 @@ def main() -> int:
     through, alone = prefix_rate(served, k), prefix_rate(direct, k)
     print(
         f"server/raw: TTFT {med(served, 0) / med(direct, 0):.2f}x "
-        f"(+{med(served, 0) - med(direct, 0):.0f} ms: retrieval, prompt building, transport), "
+        f"({med(served, 0) - med(direct, 0):+.0f} ms: retrieval, prompt building, transport), "
         f"tokens/s over whole answers {med(served, 1) / med(direct, 1):.2f}"
     )
     print(

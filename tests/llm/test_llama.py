@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +15,7 @@ import pytest
 
 from rag_chat.errors import LLMError, LLMUnavailable
 from rag_chat.llm import Generation, complete
-from rag_chat.llm.llama import LlamaCppLLM, default_model_path
+from rag_chat.llm.llama import LlamaCppLLM, default_model_path, prompt_threads
 
 STORY = [{"role": "user", "content": "Tell me a long story about a cat and a dog."}]
 
@@ -230,3 +233,55 @@ async def test_aclose_stops_a_running_generation_and_refuses_new_ones() -> None:
         await complete(model, STORY, max_tokens=2)
     with pytest.raises(LLMUnavailable, match="closed"):
         await model.check()
+
+
+def test_prompt_threads_follow_the_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert prompt_threads(2, None) == 2  # no /proc/stat: as decoding
+    assert prompt_threads(2, 0.3) == 2  # busy: never fewer than decoding
+    assert prompt_threads(1, 2.9) == 3  # three cores free
+    assert prompt_threads(1, 3.8) == 4  # all of them (a short sample's noise rounds up)
+    assert prompt_threads(1, 7.0) == 4  # never more than the machine has
+
+
+async def test_a_prompt_is_evaluated_on_the_free_cores_only(llm: LlamaCppLLM) -> None:
+    import llama_cpp
+
+    def prompt_threads_of_the_context() -> int:
+        assert llm._llama is not None
+        return int(llama_cpp.llama_n_threads_batch(llm._llama._ctx.ctx))
+
+    question = [{"role": "user", "content": "Name three colours."}]
+    cores = os.cpu_count() or 1
+    # every core kept busy by another process: the prompt gets the decoding threads alone
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)
+        deltas = [d async for d in llm.stream(question, max_tokens=2)]
+        assert deltas
+        assert llm.last_prompt_threads == llm.n_threads
+        assert prompt_threads_of_the_context() == llm.n_threads
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    # the cores measured free (the measurement pinned): the prompt is spread over them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("rag_chat.llm.llama.idle_cores", lambda since, now: float(cores))
+        deltas = [d async for d in llm.stream(question, max_tokens=2)]
+    assert deltas
+    assert llm.last_prompt_threads == prompt_threads_of_the_context() == cores
+
+
+async def test_a_fixed_prompt_thread_count_is_kept() -> None:
+    import llama_cpp
+
+    model = LlamaCppLLM(n_threads_batch=1)
+    await model.load()
+    try:
+        deltas = [d async for d in model.stream(STORY, max_tokens=2)]
+        assert deltas and model.last_prompt_threads is None
+        assert model._llama is not None
+        assert llama_cpp.llama_n_threads_batch(model._llama._ctx.ctx) == 1
+    finally:
+        await model.aclose()
