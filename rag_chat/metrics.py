@@ -102,7 +102,7 @@ class Metrics:
         self.searches = Counter(
             "rag_searches_total",
             "A reply's searches, by where they ran: the search process, or a worker thread "
-            "of the server (the process is off, starting, or gone)",
+            "of the server (the process is off, starting, gone, or owes MAX_PENDING already)",
             ["where"],
             registry=r,
         )

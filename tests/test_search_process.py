@@ -19,6 +19,7 @@ from rag_chat.memory import LocalMemory
 from rag_chat.retrieval.embedder import Embedder
 from rag_chat.retrieval.process import SearchError, SearchProcess
 from rag_chat.retrieval.search import Retriever
+from rag_chat.retrieval.store import Hit
 from rag_chat.settings import Settings
 from tests.conftest import ingest_install_guide, run_cli
 
@@ -87,6 +88,78 @@ async def test_a_dead_process_falls_back_to_the_servers_threads_and_comes_back(
     assert proc.starts == 2 and proc.pid not in (None, first)
     assert [h.id for h in await proc.search(QUESTIONS[0], 5)] == [h.id for h in hits]
     assert not alive(first)
+
+
+async def test_what_a_busy_process_cannot_take_is_searched_in_the_servers_threads(
+    guide_index: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process owes at most MAX_PENDING searches at once (its pipe never fills); the
+    overflow runs in the server's threads, and every search gets the same hits."""
+    monkeypatch.setattr(process_module, "MAX_PENDING", 2)
+    p = SearchProcess(Settings(data_dir=guide_index, _env_file=None))  # type: ignore[call-arg]
+    p.start()
+    try:
+        assert await p.wait_ready(120)
+        here = Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
+        in_threads: list[str] = []
+
+        def thread_search(query: str, k: int) -> list[Hit]:
+            in_threads.append(query)
+            return here.search(query, k)
+
+        chat = ChatService(FakeLLM(["x"]), LocalMemory(), thread_search, search_async=p.search)
+        owed: list[int] = []
+        questions = QUESTIONS * 10
+
+        async def watch() -> None:
+            while True:
+                owed.append(len(p._pending))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            results = await asyncio.gather(*(chat.retrieve(q) for q in questions))
+        finally:
+            watcher.cancel()
+        assert max(owed) == 2  # the limit, reached and kept
+        assert 0 < len(in_threads) < len(questions)  # the overflow, and only that
+        for question, hits in zip(questions, results, strict=True):
+            assert [h.id for h in hits] == [h.id for h in here.search(question, chat.top_k)]
+    finally:
+        await p.aclose()
+
+
+async def test_a_process_that_hangs_is_replaced_and_its_searches_run_in_the_server(
+    proc: SearchProcess, guide_index: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process_module, "STUCK_S", 0.5)
+    monkeypatch.setattr(process_module, "RESTART_AFTER_S", 0.2)
+    here = Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
+    in_threads: list[str] = []
+
+    def thread_search(query: str, k: int) -> list[Hit]:
+        in_threads.append(query)
+        return here.search(query, k)
+
+    chat = ChatService(FakeLLM(["x"]), LocalMemory(), thread_search, search_async=proc.search)
+    hung = proc.pid
+    assert hung is not None
+    os.kill(hung, signal.SIGSTOP)  # alive, answering nothing
+    started = time.monotonic()
+    hits = await chat.retrieve(QUESTIONS[0])
+    assert in_threads == [QUESTIONS[0]]  # after the process owed it STUCK_S without a word
+    assert 0.5 <= time.monotonic() - started < 10
+    assert hits[0].metadata["source"] == "data/guide/ingesting.md"
+    # the hung process is killed and another takes over
+    assert await proc.wait_ready(120)
+    assert proc.starts == 2 and proc.pid not in (None, hung)
+    assert [h.id for h in await proc.search(QUESTIONS[0], 5)] == [
+        h.id for h in here.search(QUESTIONS[0], 5)
+    ]
+    deadline = time.monotonic() + 10
+    while alive(hung) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not alive(hung)
 
 
 async def test_it_sees_what_an_ingest_adds_meanwhile(tmp_path: Path) -> None:

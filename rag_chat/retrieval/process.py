@@ -14,7 +14,13 @@ own it waits for nobody's GIL. It sees every ingest the way the server's retriev
 keyword index's stamp, checked on each search, reloads BM25 and reopens Chroma.
 
 Until the process is ready, and whenever it is gone (it died, or never started), searches
-run in the server's worker threads as before, and the process is started again.
+run in the server's worker threads as before, and the process is started again. So do the
+searches beyond ``MAX_PENDING`` owed at once: when questions come faster than the process
+answers them, the server's threads take the overflow (at 1,000 streaming clients they
+answered about a tenth of the searches and kept time to first token at a third of what a
+queue for the process alone gave; benchmarks/README.md). A process that owes searches and
+has answered nothing for ``STUCK_S`` seconds hangs: it is killed and replaced, as if it had
+died, and what it owed is searched in the server's threads.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ START_TIMEOUT_S = 120.0  # imports and loading the index: seconds on a cold disk
 RESTART_AFTER_S = 5.0  # a process that died is started again after this long
 STOP_TIMEOUT_S = 5.0
 MAX_PENDING = 256  # searches owed by the process at once; more go to the server's threads
+STUCK_S = 10.0  # searches owed and no reply for this long: the process hangs and is replaced
 MAX_BATCH = 32  # queued searches the process answers together
 
 _HitTuple = tuple[str, float, str, dict[str, Any], float | None]
@@ -134,6 +141,7 @@ class SearchProcess:
         self._starting: asyncio.Task[None] | None = None
         self._closed = False
         self._failed = False  # the last start failed, and none is coming
+        self._last_reply = time.monotonic()  # when the process last answered (or started)
         self.ready = False
         self.starts = 0  # processes started (1 unless one died)
 
@@ -177,13 +185,14 @@ class SearchProcess:
         self._conn, self._proc = parent, proc
         assert self._loop is not None
         self._loop.add_reader(parent.fileno(), self._readable)
+        self._last_reply = time.monotonic()
         self.ready = True
         log.info("search process ready (pid %s)", proc.pid)
 
     async def search(self, query: str, k: int) -> list[Hit]:
         if not self.ready or self._conn is None or self._loop is None:
             raise SearchError("the search process is not running")
-        if len(self._pending) >= MAX_PENDING:  # never let a stuck process fill the pipe
+        if len(self._pending) >= MAX_PENDING:  # never let a busy process fill the pipe
             raise SearchError("the search process is behind")
         rid = next(self._ids)
         fut: asyncio.Future[list[Hit]] = self._loop.create_future()
@@ -195,9 +204,19 @@ class SearchProcess:
             self._lost(f"sending failed: {exc}")
             raise SearchError("the search process is gone") from exc
         try:
-            return await fut
+            while True:
+                done, _ = await asyncio.wait((fut,), timeout=STUCK_S)
+                if done:
+                    return fut.result()
+                self._check_stuck()  # fails fut when the process is silent
         finally:
             self._pending.pop(rid, None)
+
+    def _check_stuck(self) -> None:
+        """Searches owed and no reply for ``STUCK_S``: the process hangs. It is replaced;
+        what it owed fails over to the server's threads."""
+        if self.ready and time.monotonic() - self._last_reply >= STUCK_S:
+            self._lost(f"no reply for {STUCK_S:g} s", hung=True)
 
     def _readable(self) -> None:
         conn = self._conn
@@ -206,6 +225,7 @@ class SearchProcess:
         try:
             while conn.poll():
                 rid, ok, payload = conn.recv()
+                self._last_reply = time.monotonic()
                 fut = self._pending.get(rid)
                 if fut is None or fut.done():
                     continue
@@ -216,8 +236,9 @@ class SearchProcess:
         except (EOFError, OSError) as exc:
             self._lost(f"{type(exc).__name__}")
 
-    def _lost(self, why: str) -> None:
-        """The process died: fail what it owed, search in-process, start another soon."""
+    def _lost(self, why: str, hung: bool = False) -> None:
+        """The process died (or ``hung``: it is killed): fail what it owed, search
+        in-process, start another soon."""
         if not self.ready:
             return
         self.ready = False
@@ -228,9 +249,12 @@ class SearchProcess:
         self._conn = None
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(SearchError("the search process died"))
+                fut.set_exception(SearchError(f"the search process is gone ({why})"))
         self._pending.clear()
         proc, self._proc = self._proc, None
+        if hung and proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
         if self._loop is not None and not self._closed:
             if proc is not None:
                 self._loop.create_task(asyncio.to_thread(_stop, proc))
