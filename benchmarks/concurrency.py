@@ -395,6 +395,11 @@ async def run_level(
         "server_loop_lag_p99_s_bucket": lag_server,
         "server_slow_consumers_dropped": delta("rag_slow_consumers_dropped_total"),
         "server_errors_sent": delta("rag_errors_total"),
+        # where the level's searches ran: the search process, or the server's worker threads
+        # (the process starting, gone, or behind)
+        "server_searches": {
+            w: delta(f'rag_searches_total{{where="{w}"}}') for w in ("process", "thread")
+        },
         # the server's garbage-collector pauses during the level, by generation
         "server_gc": {
             g: {
@@ -470,6 +475,8 @@ def print_level(level: dict[str, Any]) -> None:
     print(
         "    server GC pauses (generation: collections, ms in all): "
         + "; ".join(f"{g}: {v['collections']:.0f}, {v['pause_ms']:.0f}" for g, v in gcs.items())
+        + "; searches: {process:.0f} in the search process, {thread:.0f} in the server's "
+        "threads".format(**level["server_searches"])
     )
 
 
