@@ -5,6 +5,7 @@ own presence event, then what its room gains."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from rag_chat.memory.redis import RedisMemory
@@ -56,6 +57,57 @@ async def test_a_join_reads_history_and_adds_presence_together() -> None:
         await log.append("r", {"type": "message", "id": "new", "text": "after"})
         await until(lambda: len(got) >= 3)
         assert [e["seq"] for e in got[1:]] == [2, 3] and sub.last == 3
+    finally:
+        await rooms.stop()
+        await presence.aclose()
+        await memory.aclose()
+        await log.aclose()
+        delete_prefix(prefix)
+
+
+class _Slow(RedisPresence):
+    """Holds the presence entry of room "slow" until ``go`` is set: a join half done."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        super().__init__(url, prefix)
+        self.go = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def add(self, room: str, conn: str, user: str) -> Members:
+        if room == "slow":
+            self.holding.set()
+            await self.go.wait()
+        return await super().add(room, conn, user)
+
+
+async def test_leaving_everything_releases_a_connections_rooms_and_only_its_own() -> None:
+    """What a closing connection held, joins still under way included, is released; the
+    others in its rooms stay (leave_all looks only at the connection's own rooms)."""
+    prefix = new_prefix()
+    log = RedisRoomLog(REDIS_URL, prefix)
+    memory = RedisMemory.from_url(REDIS_URL, prefix=prefix)
+    presence = _Slow(REDIS_URL, prefix)
+    rooms = Rooms(log, presence, None, memory)  # type: ignore[arg-type]  # no AI asked here
+    await rooms.start()
+    alice, bob = Member("c1", "alice"), Member("c2", "bob")
+    try:
+        for room in ("r1", "r2"):
+            await rooms.join(alice, room, None, lambda e: None)
+        await rooms.join(bob, "r1", None, lambda e: None)
+        half = asyncio.ensure_future(rooms.join(alice, "slow", None, lambda e: None))
+        await asyncio.wait_for(presence.holding.wait(), 5)
+        await rooms.leave_all(alice)
+        assert [m["user"] for m in await presence.members("r1")] == ["bob"]
+        assert await presence.members("r2") == []
+        assert not any(rooms.is_member(alice, r) for r in ("r1", "r2", "slow"))
+        assert rooms.is_member(bob, "r1")
+        assert "c1" not in rooms._local.get("slow", {})  # the half-done join's claim, too
+        half.cancel()  # what a closing connection does with its joins under way
+        with contextlib.suppress(asyncio.CancelledError):
+            await half
+        await rooms.leave_all(alice)  # nothing left: a no-op
+        assert await presence.members("slow") == []
+        assert [m["user"] for m in await presence.members("r1")] == ["bob"]
     finally:
         await rooms.stop()
         await presence.aclose()
