@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from rag_chat.errors import BadRequest, MemoryUnavailable, NotFound, RagChatError
 from rag_chat.retrieval.embedder import Embedder
+from rag_chat.rooms.log import driver_options
 from rag_chat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,11 @@ class JobStore(Protocol):
 class RedisJobStore:
     def __init__(self, url: str, prefix: str) -> None:
         self._redis: Any = Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            **driver_options(),
         )
         self.prefix = f"{prefix}job:"
 

@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 import hiredis
+import redis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -102,12 +103,28 @@ class RoomLog(Protocol):
     async def aclose(self) -> None: ...
 
 
+def driver_options() -> dict[str, Any]:
+    """redis-py's client name and version given to each connection ready-made: otherwise
+    every new connection reads the installed package's metadata for them (1 ms of the event
+    loop each; a burst of joins grows several pools by hundreds of connections)."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py before 7: nothing of the kind is looked up
+        return {}
+    return {"driver_info": DriverInfo(lib_version=redis.__version__)}
+
+
 def redis_client(url: str, max_connections: int = POOL_SIZE, **options: Any) -> Any:
     """A client whose callers wait for one of ``max_connections`` connections (at most
     ``POOL_WAIT_S``) rather than fail: redis-py's default pool raises "Too many connections"
     past 100 commands in flight, which a few hundred streaming answers reach."""
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=POOL_WAIT_S, decode_responses=True, **options
+        url,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
+        decode_responses=True,
+        **driver_options(),
+        **options,
     )
     return Redis.from_pool(pool)
 
