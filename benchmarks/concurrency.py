@@ -36,7 +36,8 @@ connections spread over them in turn (as a proxy in front of them would); their 
 up, the loop lag is the worst instance's.
 
 ``--idle N``: memory per idle connection: the server's RSS before, with N open WebSockets, and
-with each of them also joined to a private conversation (what the browser UI does), divided by N.
+with each of them also joined to a private conversation (what the browser UI does), divided by N;
+then all N close at once: how long until the server has let them go, and its CPU for that.
 
 Without ``--data-dir`` the bundled guide (data/) is the index: a smoke run. Raw samples:
 benchmarks/out/concurrency.json (or concurrency_idle.json); plots: concurrency_*.png
@@ -74,6 +75,7 @@ from benchmarks._bench import (  # noqa: E402
     TOKEN,
     CpuMeter,
     counter_delta,
+    cpu_seconds,
     delete_prefix,
     describe_index,
     dist,
@@ -587,13 +589,24 @@ async def idle_test(args: argparse.Namespace, server: Any) -> dict[str, Any]:
     join_s = time.perf_counter() - t
     await asyncio.sleep(args.settle)
     m2 = mem()
+    # closing them all at once (a proxy restarting, a network blip): how long until the
+    # server has let every one go (left its rooms and presence: its open-connections gauge
+    # back to 0), and the CPU that took it
+    cpu0, t = cpu_seconds(server.pid), time.perf_counter()
     await close_clients(clients)
+    close_s = time.perf_counter() - t
+    while scrape(server.url).get("rag_ws_connections", 0) > 0 and time.perf_counter() - t < 600:
+        await asyncio.sleep(0.1)
+    release_s, release_cpu_s = time.perf_counter() - t, cpu_seconds(server.pid) - cpu0
     n = args.idle
     result = {
         "connections": n,
         "server_reports_open": open_now,
         "connect_s": connect_s,
         "join_s": join_s,
+        "close_s": close_s,
+        "release_s": release_s,
+        "release_server_cpu_s": release_cpu_s,
         "before": m0,
         "connected": m1,
         "joined": m2,
@@ -623,6 +636,10 @@ async def idle_test(args: argparse.Namespace, server: Any) -> dict[str, Any]:
     print(
         f"Redis used_memory grew {per['redis_joined'] / 1024:.2f} KiB per joined connection "
         "(the whole Redis instance: other users of it blur this)"
+    )
+    print(
+        f"all {n:,} closed at once: the server had let every one go (rooms, presence) "
+        f"{release_s:.1f} s later, using {release_cpu_s:.1f} s of CPU"
     )
     return result
 
