@@ -11,8 +11,9 @@ afterwards; the per-user caps raised) run as processes of their own. This proces
 generator: one asyncio loop, C ``websockets`` clients, each in a private conversation of its
 own. All C connect first; then each starts at a random moment within ``--ramp`` seconds (one
 answer's length by default) and asks its question (client i: SciFact claim i, cycled;
-``--same-question``: the first claim for all) tagged ``[[tokens=200 rate=20]]`` (a 200-token
-answer at 20 tokens/s), again and again in the same conversation, until ``--duration``
+``--same-question``: the first claim for all) — the claim alone, as a user would ask it: the
+token server is started with ``--tokens``/``--rate`` (a 200-token answer at 20 tokens/s) —
+again and again in the same conversation, until ``--duration``
 seconds after the ramp; the answers in flight then finish. A question the server answers
 "don't know" (nothing relevant in the index: no LLM, no paced answer) is not asked again: its
 client takes the next claim nobody has found unanswerable. Clients are spread over source
@@ -223,7 +224,6 @@ async def client_loop(
     i: int,
     ws: ClientConnection,
     pool: QuestionPool,
-    tag: str,
     start_at: float,
     stop_asking: float,
     want: str,
@@ -237,9 +237,8 @@ async def client_loop(
         answer = Answer(i, time.perf_counter())
         answers.append(answer)
         try:
-            text = question + tag
             await ws.send(
-                json.dumps({"type": "message", "text": text, "conversation_id": conversation})
+                json.dumps({"type": "message", "text": question, "conversation_id": conversation})
             )
             # one deadline for the whole answer, not a wait_for per message: a task and a
             # timer per token were a fifth of this process's CPU at 1,000 clients (py-spy)
@@ -304,7 +303,6 @@ async def run_level(
     answers: list[Answer] = []
     t0 = time.perf_counter()
     steady_from, stop_asking = t0 + args.ramp, t0 + args.ramp + args.duration
-    tag = f" [[tokens={args.tokens} rate={args.rate:g}]]"
     read_timeout = max(60.0, reply_s * 6)
     pool = QuestionPool(questions, start=n)
     tasks = [
@@ -313,7 +311,6 @@ async def run_level(
                 i,
                 ws,
                 pool,
-                tag,
                 t0 + random.uniform(0, args.ramp),
                 stop_asking,
                 want,
