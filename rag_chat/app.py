@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -34,7 +34,12 @@ from rag_chat import __version__
 from rag_chat.api import documents, openai, rest, sse, ws
 from rag_chat.api.deps import SafeJSONResponse
 from rag_chat.errors import RagChatError, RateLimited
-from rag_chat.logs import REQUEST_ID_HEADER, RequestIdMiddleware, enable_ws_trace
+from rag_chat.logs import (
+    REQUEST_ID_HEADER,
+    RequestIdMiddleware,
+    SecurityHeadersMiddleware,
+    enable_ws_trace,
+)
 from rag_chat.metrics import watch_gc, watch_loop_lag
 from rag_chat.services import Services
 from rag_chat.settings import Settings, get_settings
@@ -127,12 +132,7 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         return error(code, str(exc.detail), exc.status_code, dict(exc.headers or {}))
 
-    @app.middleware("http")
-    async def _headers(request: Request, call_next: Callable[..., Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
+    app.add_middleware(SecurityHeadersMiddleware)
 
     if settings.allowed_origins:
         wildcard = "*" in settings.allowed_origins

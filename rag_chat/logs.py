@@ -92,6 +92,33 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class SecurityHeadersMiddleware:
+    """``X-Content-Type-Options: nosniff`` and ``Referrer-Policy: no-referrer`` on every HTTP
+    response that does not set its own. Plain ASGI, wrapping only ``send``: Starlette's
+    ``@app.middleware("http")`` would pass each streamed body chunk (every token of an SSE
+    answer) through a memory stream and a task of its own."""
+
+    HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [(k, v) for k, v in self.HEADERS if k not in present]
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 class ContextFilter(logging.Filter):
     """Puts the current request and connection ids on every record (for either formatter)."""
 

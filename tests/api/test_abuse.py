@@ -173,7 +173,8 @@ def test_no_unescaped_html_leaves_the_server(make_app: Any) -> None:
         responses.append(client.post("/api/chat", json={"message": evil}))
         for r in responses:
             assert "<script" not in r.text and "<img" not in r.text, (r.request.url, r.text[:300])
-            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers.get_list("x-content-type-options") == ["nosniff"]
+            assert r.headers.get_list("referrer-policy") == ["no-referrer"]
             assert not r.headers["content-type"].startswith("text/html")
 
 
