@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,17 @@ def alive(pid: int) -> bool:
         return False
     # a zombie (exited, not yet reaped) counts as gone
     return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def noting(here: Retriever) -> tuple[list[str], Callable[[str, int], list[Hit]]]:
+    """A search for the server's threads that notes each query it is given."""
+    queries: list[str] = []
+
+    def search(query: str, k: int) -> list[Hit]:
+        queries.append(query)
+        return here.search(query, k)
+
+    return queries, search
 
 
 @pytest.fixture
@@ -101,12 +112,7 @@ async def test_what_a_busy_process_cannot_take_is_searched_in_the_servers_thread
     try:
         assert await p.wait_ready(120)
         here = Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
-        in_threads: list[str] = []
-
-        def thread_search(query: str, k: int) -> list[Hit]:
-            in_threads.append(query)
-            return here.search(query, k)
-
+        in_threads, thread_search = noting(here)
         chat = ChatService(FakeLLM(["x"]), LocalMemory(), thread_search, search_async=p.search)
         owed: list[int] = []
         questions = QUESTIONS * 10
@@ -135,12 +141,7 @@ async def test_a_process_that_hangs_is_replaced_and_its_searches_run_in_the_serv
     monkeypatch.setattr(process_module, "STUCK_S", 0.5)
     monkeypatch.setattr(process_module, "RESTART_AFTER_S", 0.2)
     here = Retriever(Settings(data_dir=guide_index, _env_file=None), embedder=embedder)  # type: ignore[call-arg]
-    in_threads: list[str] = []
-
-    def thread_search(query: str, k: int) -> list[Hit]:
-        in_threads.append(query)
-        return here.search(query, k)
-
+    in_threads, thread_search = noting(here)
     chat = ChatService(FakeLLM(["x"]), LocalMemory(), thread_search, search_async=proc.search)
     hung = proc.pid
     assert hung is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from rag_chat.memory.redis import RedisMemory
@@ -36,15 +37,31 @@ class _Noting(RedisMemory):
         return await super().history(conversation_id, limit)
 
 
+@contextlib.asynccontextmanager
+async def _rooms(
+    prefix: str, log: RedisRoomLog, memory: RedisMemory, presence: RedisPresence
+) -> AsyncIterator[Rooms]:
+    """Rooms over these real Redis parts (no AI asked here), closed and their keys deleted
+    afterwards."""
+    rooms = Rooms(log, presence, None, memory)  # type: ignore[arg-type]
+    await rooms.start()
+    try:
+        yield rooms
+    finally:
+        await rooms.stop()
+        await presence.aclose()
+        await memory.aclose()
+        await log.aclose()
+        delete_prefix(prefix)
+
+
 async def test_a_join_reads_history_and_adds_presence_together() -> None:
     prefix = new_prefix()
     log = RedisRoomLog(REDIS_URL, prefix)
     memory = _Noting.from_url(REDIS_URL, prefix=prefix)
     memory.started = asyncio.Event()
     presence = _Waiting(REDIS_URL, prefix, memory.started)
-    rooms = Rooms(log, presence, None, memory)  # type: ignore[arg-type]  # no AI asked here
-    await rooms.start()
-    try:
+    async with _rooms(prefix, log, memory, presence) as rooms:
         await log.append("r", {"type": "message", "id": "old", "text": "before the join"})
         got: list[dict[str, Any]] = []
         sub = await rooms.join(Member("c1", "alice"), "r", None, got.append)
@@ -57,12 +74,6 @@ async def test_a_join_reads_history_and_adds_presence_together() -> None:
         await log.append("r", {"type": "message", "id": "new", "text": "after"})
         await until(lambda: len(got) >= 3)
         assert [e["seq"] for e in got[1:]] == [2, 3] and sub.last == 3
-    finally:
-        await rooms.stop()
-        await presence.aclose()
-        await memory.aclose()
-        await log.aclose()
-        delete_prefix(prefix)
 
 
 class _Slow(RedisPresence):
@@ -87,10 +98,8 @@ async def test_leaving_everything_releases_a_connections_rooms_and_only_its_own(
     log = RedisRoomLog(REDIS_URL, prefix)
     memory = RedisMemory.from_url(REDIS_URL, prefix=prefix)
     presence = _Slow(REDIS_URL, prefix)
-    rooms = Rooms(log, presence, None, memory)  # type: ignore[arg-type]  # no AI asked here
-    await rooms.start()
     alice, bob = Member("c1", "alice"), Member("c2", "bob")
-    try:
+    async with _rooms(prefix, log, memory, presence) as rooms:
         for room in ("r1", "r2"):
             await rooms.join(alice, room, None, lambda e: None)
         await rooms.join(bob, "r1", None, lambda e: None)
@@ -108,9 +117,3 @@ async def test_leaving_everything_releases_a_connections_rooms_and_only_its_own(
         await rooms.leave_all(alice)  # nothing left: a no-op
         assert await presence.members("slow") == []
         assert [m["user"] for m in await presence.members("r1")] == ["bob"]
-    finally:
-        await rooms.stop()
-        await presence.aclose()
-        await memory.aclose()
-        await log.aclose()
-        delete_prefix(prefix)
