@@ -230,6 +230,9 @@ def tune_gc() -> None:
     - a young-generation collection after 10,000 new container objects, not 700: at 1,000
       streaming clients the server spent 8.3 s of a 45 s run in 1,759 collections (3.2 s in
       the youngest generation alone, ~2 ms each whatever its size); with 10,000, 1.3 s in 64.
+      (The count is allocations less deallocations, old objects' included, so such a
+      collection finds 15,000-52,000 objects there; switching collection off altogether
+      changed nothing at 200 clients: benchmarks/README.md, 27 Nov, late evening.)
 
     Measured with ``rag_gc_pause_seconds`` (benchmarks/concurrency.py prints it per level)."""
     gc.collect()
