@@ -287,6 +287,13 @@ class Rooms:
             await _drain(history_read, added)
             await self.leave(member, room)
             raise
+        if room not in self._rooms_of.get(member.conn, ()):
+            # the connection left the room while this join subscribed (leave_all: it is
+            # closing): registering now would keep a subscription nobody releases
+            self.hub.unsubscribe(sub)
+            await _drain(history_read, added)
+            await self.leave(member, room)  # the presence entry, if it was added meanwhile
+            raise NotJoined(f"left room {room!r} while joining it")
         # registered with no await in between: a cancelled join still gets cleaned up
         self._subs.setdefault(member.conn, {})[room] = sub
         try:

@@ -9,6 +9,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
+from rag_chat.errors import NotJoined
 from rag_chat.memory.redis import RedisMemory
 from rag_chat.rooms import Member, RedisPresence, RedisRoomLog
 from rag_chat.rooms.presence import Members
@@ -104,16 +107,53 @@ async def test_leaving_everything_releases_a_connections_rooms_and_only_its_own(
             await rooms.join(alice, room, None, lambda e: None)
         await rooms.join(bob, "r1", None, lambda e: None)
         half = asyncio.ensure_future(rooms.join(alice, "slow", None, lambda e: None))
-        await asyncio.wait_for(presence.holding.wait(), 5)
-        await rooms.leave_all(alice)
-        assert [m["user"] for m in await presence.members("r1")] == ["bob"]
-        assert await presence.members("r2") == []
-        assert not any(rooms.is_member(alice, r) for r in ("r1", "r2", "slow"))
-        assert rooms.is_member(bob, "r1")
-        assert "c1" not in rooms._local.get("slow", {})  # the half-done join's claim, too
-        half.cancel()  # what a closing connection does with its joins under way
-        with contextlib.suppress(asyncio.CancelledError):
-            await half
+        try:
+            await asyncio.wait_for(presence.holding.wait(), 5)
+            await rooms.leave_all(alice)
+            assert [m["user"] for m in await presence.members("r1")] == ["bob"]
+            assert await presence.members("r2") == []
+            assert not any(rooms.is_member(alice, r) for r in ("r1", "r2", "slow"))
+            assert rooms.is_member(bob, "r1")
+            assert "c1" not in rooms._local.get("slow", {})  # the half-done join's claim, too
+        finally:
+            half.cancel()  # what a closing connection does with its joins under way
+            # (or the join saw the leave itself, if its subscription came after it)
+            with contextlib.suppress(asyncio.CancelledError, NotJoined):
+                await half
         await rooms.leave_all(alice)  # nothing left: a no-op
         assert await presence.members("slow") == []
         assert [m["user"] for m in await presence.members("r1")] == ["bob"]
+
+
+async def test_a_join_whose_subscription_comes_after_the_connection_left_keeps_nothing() -> None:
+    """leave_all while a join waits for its subscription: the join, once subscribed, sees
+    that its connection left, undoes it and says so; nothing of it stays (before, its
+    subscription stayed registered for a connection that was gone)."""
+    prefix = new_prefix()
+    log = RedisRoomLog(REDIS_URL, prefix)
+    memory = RedisMemory.from_url(REDIS_URL, prefix=prefix)
+    presence = RedisPresence(REDIS_URL, prefix)
+    alice = Member("c1", "alice")
+    async with _rooms(prefix, log, memory, presence) as rooms:
+        subscribing, go = asyncio.Event(), asyncio.Event()
+        subscribe = rooms.hub.subscribe
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            subscribing.set()
+            await go.wait()
+            return await subscribe(*args, **kwargs)
+
+        rooms.hub.subscribe = held  # type: ignore[method-assign]
+        join = asyncio.ensure_future(rooms.join(alice, "r", None, lambda e: None))
+        try:
+            await asyncio.wait_for(subscribing.wait(), 5)
+            await rooms.leave_all(alice)
+            go.set()
+            with pytest.raises(NotJoined, match="while joining"):
+                await asyncio.wait_for(join, 5)
+        finally:
+            join.cancel()
+        assert not rooms.is_member(alice, "r")
+        assert rooms.hub.local_subscribers("r") == 0
+        assert "c1" not in rooms._local.get("r", {})
+        assert await presence.members("r") == []
