@@ -279,20 +279,25 @@ class Rooms:
         self._local.setdefault(room, {})[member.conn] = member.user
         self._rooms_of.setdefault(member.conn, set()).add(room)
         added = asyncio.ensure_future(self.presence.add(room, member.conn, member.user))
+
+        async def undo() -> None:
+            # the reads stopped, then everything of the join released (its presence entry
+            # too, if it was added meanwhile)
+            await _drain(history_read, added)
+            await self.leave(member, room)
+
         try:
             sub = await self.hub.subscribe(
                 room, current if last_seq is None else last_seq, hold, head=current
             )
         except BaseException:
-            await _drain(history_read, added)
-            await self.leave(member, room)
+            await undo()
             raise
         if room not in self._rooms_of.get(member.conn, ()):
             # the connection left the room while this join subscribed (leave_all: it is
             # closing): registering now would keep a subscription nobody releases
             self.hub.unsubscribe(sub)
-            await _drain(history_read, added)
-            await self.leave(member, room)  # the presence entry, if it was added meanwhile
+            await undo()
             raise NotJoined(f"left room {room!r} while joining it")
         # registered with no await in between: a cancelled join still gets cleaned up
         self._subs.setdefault(member.conn, {})[room] = sub
@@ -300,8 +305,7 @@ class Rooms:
             members = await added
             history = await history_read
         except BaseException:
-            await _drain(history_read, added)
-            await self.leave(member, room)
+            await undo()
             raise
         deliver(
             {
@@ -323,7 +327,9 @@ class Rooms:
 
     async def leave_all(self, member: Member) -> None:
         """Everything a connection held, in every room (also half-finished joins)."""
-        rooms = set(self._subs.get(member.conn, {})) | self._rooms_of.get(member.conn, set())
+        # every room with a subscription of the connection is among them (a join registers
+        # its subscription only while its room is there, and leave drops both together)
+        rooms = set(self._rooms_of.get(member.conn, ()))
         for room in rooms:
             try:
                 await self.leave(member, room)
