@@ -8,7 +8,7 @@ The indexes. ``--data-dir`` is a real ingested index (SciFact: see benchmarks/RE
 *seed*. An index of S chunks holds the seed's chunks as they are (up to S of them) plus, to make
 up the rest, SYNTHETIC chunks: each a perturbed copy of a random seed chunk, written straight
 into a Chroma collection and a BM25 index through the classes the ingest pipeline uses
-(``VectorStore.upsert``, ``KeywordIndex.build(...).save``, the same ``terms``) without
+(``VectorStore.upsert``, ``KeywordIndex.from_terms(...).save``, the same ``terms``) without
 embedding anything:
 
   vector  ``perturbed`` (default): the seed chunk's real vector plus Gaussian noise,
@@ -76,7 +76,7 @@ from benchmarks._bench import (  # noqa: E402
 )
 from ingest.manifest import ChunkRow, Manifest, encode_meta  # noqa: E402
 from rag_chat.retrieval.embedder import Embedder  # noqa: E402
-from rag_chat.retrieval.keyword import KeywordIndex, terms, with_neighbours  # noqa: E402
+from rag_chat.retrieval.keyword import KeywordIndex, terms  # noqa: E402
 from rag_chat.retrieval.search import Retriever  # noqa: E402
 from rag_chat.retrieval.store import ChunkTexts, VectorStore, make_client  # noqa: E402
 from rag_chat.settings import Settings  # noqa: E402
@@ -226,7 +226,6 @@ def build_index(
     )
     docs = [str(synth.metas[i].get("doc_id")) for i in order]
     own = [terms(bm25_text(synth.texts[i], synth.metas[i])) for i in order]
-    entries = with_neighbours(docs, own, settings.keyword_neighbours)
     by_doc: dict[str, list[ChunkRow]] = {}
     for i, doc_id, words in zip(order, docs, own, strict=True):
         meta = synth.metas[i]
@@ -243,9 +242,9 @@ def build_index(
         manifest.commit_docs([(d, "synthetic", d, "", rows) for d, rows in by_doc.items()])
     finally:
         manifest.close()
-    KeywordIndex.build([synth.ids[i] for i in order], entries).save(
-        settings.collection_dir() / "bm25"
-    )
+    KeywordIndex.from_terms(
+        [synth.ids[i] for i in order], docs, own, settings.keyword_neighbours
+    ).save(settings.collection_dir() / "bm25")
     marker.write_text(json.dumps(params))
     print(
         f"\r  built {size:,} chunks ({real:,} real + {size - real:,} synthetic, {vectors} vectors) "

@@ -538,15 +538,14 @@ class Pipeline:
         """BM25 over each chunk with ``keyword_neighbours`` neighbours of the same document on
         each side (``with_neighbours``). On SciFact this lifts the fused nDCG@10
         (benchmarks/retrieval_views.py; README)."""
-        from rag_chat.retrieval.keyword import KeywordIndex, with_neighbours
+        from rag_chat.retrieval.keyword import KeywordIndex
 
         ids, docs, own = [], [], []
         for cid, doc_key, t in manifest.iter_terms():
             ids.append(cid)
             docs.append(doc_key)
             own.append(t.split())
-        entries = with_neighbours(docs, own, self.settings.keyword_neighbours)
-        index = KeywordIndex.build(ids, entries)
+        index = KeywordIndex.from_terms(ids, docs, own, self.settings.keyword_neighbours)
         index.params = self._keyword_params()
         index.save(self.dir / "bm25")
 

@@ -8,6 +8,7 @@ so a reader never sees half an index.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -82,12 +83,34 @@ class KeywordIndex:
         return len(self.ids)
 
     @classmethod
-    def build(cls, ids: Sequence[str], term_lists: Sequence[list[str]]) -> KeywordIndex:
+    def build(cls, ids: Sequence[str], term_lists: Sequence[Sequence[str]]) -> KeywordIndex:
+        """The index of these entries, as they are (no neighbours)."""
+        return cls.from_terms(ids, ids, term_lists, 0)
+
+    @classmethod
+    def from_terms(
+        cls,
+        ids: Sequence[str],
+        doc_keys: Sequence[str],
+        own_terms: Sequence[Sequence[str]],
+        neighbours: int,
+    ) -> KeywordIndex:
+        """The index of ``with_neighbours(doc_keys, own_terms, neighbours)``, built without
+        writing those entries out: each chunk's terms are counted once, and an entry's counts
+        are its own (twice) plus its neighbours', summed as arrays. The scores are bm25s's
+        own (its default Lucene BM25, k1 1.5, b 0.75, float32; tests compare the two), saved
+        and searched by bm25s as before. bm25s's build walks every token of every entry in
+        Python: 0.94 s of the 1.2 s an ingest spent on the keyword index at 10,000 chunks,
+        whatever the run changed."""
         import bm25s
 
         bm25 = bm25s.BM25()
         if ids:
-            bm25.index([list(t) for t in term_lists], show_progress=False)
+            bm25.scores, bm25.vocab_dict = _bm25_scores(
+                doc_keys, own_terms, neighbours, k1=bm25.k1, b=bm25.b
+            )
+            bm25.unique_token_ids_set = set(bm25.vocab_dict.values())
+            bm25.nonoccurrence_array = None
         return cls(list(ids), bm25)
 
     def save(self, folder: Path) -> None:
@@ -142,3 +165,67 @@ class KeywordIndex:
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(self.ids[i], float(scores[i])) for i in top if scores[i] > 0]
+
+
+def _bm25_scores(
+    doc_keys: Sequence[str],
+    own_terms: Sequence[Sequence[str]],
+    neighbours: int,
+    *,
+    k1: float,
+    b: float,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """bm25s's eager score matrix (``scores``: CSC arrays, a column per term, a row per
+    entry) and vocabulary for the entries of ``with_neighbours``, with sparse matrices: the
+    chunks' term counts C (a row per chunk), the entries' counts A @ C where A holds 2 on its
+    diagonal (an entry's own terms count twice) and 1 for each neighbour of the same document
+    within ``neighbours`` places; C alone when ``neighbours`` is 0."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    n = len(own_terms)
+    lengths = np.fromiter(map(len, own_terms), dtype=np.int64, count=n)
+    flat = list(itertools.chain.from_iterable(own_terms))
+    vocab = {term: i for i, term in enumerate(dict.fromkeys(flat))}
+    n_vocab = len(vocab)
+    term_ids = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int32, count=len(flat))
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    counts = sp.csr_matrix(
+        (np.ones(len(flat), dtype=np.int32), term_ids, starts), shape=(n, n_vocab)
+    )
+    counts.sum_duplicates()  # a (chunk, term) pair once, with its count
+    if neighbours > 0:
+        codes = np.fromiter(
+            map({k: i for i, k in enumerate(dict.fromkeys(doc_keys))}.__getitem__, doc_keys),
+            dtype=np.int64,
+            count=n,
+        )
+        bands, offsets = [np.full(n, 2, dtype=np.int32)], [0]
+        for step in range(1, min(neighbours, n - 1) + 1):
+            same = (codes[:-step] == codes[step:]).astype(np.int32)
+            bands += [same, same]
+            offsets += [step, -step]
+        mix = sp.diags(bands, offsets, shape=(n, n), format="csr", dtype=np.int32)
+        mix.eliminate_zeros()
+        counts = mix @ counts
+    entries = counts.tocsc()  # per term, its entries in order: bm25s's layout
+    entries.sum_duplicates()
+    rows = entries.indices
+    tf = entries.data.astype(np.float32)
+    df = np.diff(entries.indptr)
+    cols = np.repeat(np.arange(n_vocab), df)
+    doc_len = np.bincount(rows, weights=tf, minlength=n)
+    avg_len = doc_len.mean()
+    # bm25s: idf per term in double, kept as float32; each score in double, kept as float32
+    idf = np.log(1 + (n - df + 0.5) / (df + 0.5)).astype(np.float32)
+    tfc = tf / (k1 * ((1 - b) + b * doc_len[rows] / avg_len) + tf)
+    data = (idf[cols] * tfc).astype(np.float32)
+    vocab[""] = n_vocab  # bm25s's "empty token", past the last column, as its index() adds it
+    scores = {
+        "data": data,
+        "indices": rows.astype(np.int32),
+        "indptr": entries.indptr.astype(np.int64),
+        "num_docs": n,
+    }
+    return scores, vocab
