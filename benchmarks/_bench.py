@@ -152,15 +152,22 @@ def search_process_ready(proc: Proc, deadline: float) -> None:
     """A rag_chat server's search process answers (rag_search_process_ready 1), so that no
     measurement catches searches in the server's threads while it starts, nor its start-up
     CPU. RAG_SEARCH_PROCESS=false in this environment (the servers inherit it): not waited for."""
+    if not search_process_answers(proc.url, deadline):
+        raise RuntimeError(f"{proc.name}: the search process did not become ready\n{proc.tail()}")
+
+
+def search_process_answers(url: str, deadline: float) -> bool:
+    """Waits until the server at ``url`` reports its search process ready (or has none, or
+    RAG_SEARCH_PROCESS=false here); False if ``deadline`` (monotonic) passes first."""
     if os.environ.get("RAG_SEARCH_PROCESS", "true").strip().lower() in ("0", "false", "no", "off"):
-        return
+        return True
     while time.monotonic() < deadline:
-        text = httpx.get(proc.url + "/metrics", timeout=5, trust_env=False).text
+        text = httpx.get(url + "/metrics", timeout=5, trust_env=False).text
         lines = [ln for ln in text.splitlines() if ln.startswith("rag_search_process_ready ")]
         if not lines or float(lines[0].split()[1]) == 1.0:
-            return
+            return True
         time.sleep(0.3)
-    raise RuntimeError(f"{proc.name}: the search process did not become ready\n{proc.tail()}")
+    return False
 
 
 def start_token_server(log_dir: Path, tokens: int, rate: float) -> Proc:

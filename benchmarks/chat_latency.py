@@ -39,6 +39,7 @@ import httpx  # noqa: E402
 import redis  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
+from benchmarks._bench import search_process_answers  # noqa: E402
 from ingest.pipeline import Pipeline  # noqa: E402
 from rag_chat.chat import ANSWER_TOKENS, build_prompt  # noqa: E402
 from rag_chat.evalsets import load  # noqa: E402
@@ -142,6 +143,11 @@ def main() -> int:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.5)
+            # ready answers before the search process has loaded its model and index: the
+            # first question would find a core busy with that start (its prompt then goes on
+            # one thread, ~1.5 s later), which the raw side, loaded beforehand, never meets
+            if not search_process_answers(url, time.monotonic() + 120):
+                raise RuntimeError("the server's search process did not become ready")
             retriever = Retriever(settings)
             llm = LlamaCppLLM()
             asyncio.run(llm.load())
