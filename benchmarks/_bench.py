@@ -12,18 +12,24 @@ import math
 import os
 import re
 import resource
-import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from rag_chat.testing.procs import (
+    Proc,
+    delete_keys,
+    free_port,
+    offline_env,
+)
+from rag_chat.testing.procs import spawn as _spawn
+from rag_chat.testing.procs import wait_ready as _wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 # BENCH_OUT: somewhere else (the smoke tests write there, not over a real run's figures)
@@ -56,62 +62,14 @@ GUIDE_QUESTIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def base_env() -> dict[str, str]:
     """The environment without any RAG_ setting of the caller's; models never from a hub."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
-    return env
-
-
-@dataclass
-class Proc:
-    """A child process, its log file, and where it serves HTTP."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://") + "/ws"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return f"--- {self.name} log ---\n" + self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return f"--- {self.name}: no log ---"
-
-    def stop(self) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        self.popen.wait(timeout=30)
+    return offline_env()
 
 
 def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, url: str) -> Proc:
-    log = log_dir / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    return Proc(name, popen, log, url)
+    """``python ARGS`` in the repository root (rag_chat.testing.procs.spawn)."""
+    return _spawn(name, [sys.executable, *args], env, log_dir, url)
 
 
 def log_dir(script: str) -> Path:
@@ -125,24 +83,10 @@ def log_dir(script: str) -> Path:
 
 
 def wait_ready(procs: Sequence[Proc], path: str, timeout: float = START_TIMEOUT_S) -> None:
-    """Until each answers 200 on ``path``; raises (with the logs) if one dies or is late."""
-    pending = list(procs)
+    """Until each answers 200 on ``path`` (raises, with the logs, if one dies or is late);
+    for ``/readyz``, until each server's search process answers too."""
     deadline = time.monotonic() + timeout
-    while pending:
-        for proc in list(pending):
-            if not proc.alive():
-                raise RuntimeError(
-                    f"{proc.name} exited with {proc.popen.returncode}\n{proc.tail()}"
-                )
-            try:
-                if httpx.get(proc.url + path, timeout=5, trust_env=False).status_code == 200:
-                    pending.remove(proc)
-            except httpx.HTTPError:
-                pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("not ready in time:\n" + "\n".join(p.tail() for p in pending))
-        if pending:
-            time.sleep(0.3)
+    _wait_ready(procs, path, timeout)
     for proc in procs:
         if path == "/readyz":
             search_process_ready(proc, deadline)
@@ -214,17 +158,8 @@ def start_rag_chat(
 
 def delete_prefix(prefix: str) -> int:
     """SCAN + DEL of this run's keys in DB 14 (never a flush); how many were deleted."""
-    import redis
-
     assert prefix.startswith("bench:") and prefix.endswith(":"), prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(f"{prefix}*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
-        return len(keys)
-    finally:
-        client.close()
+    return delete_keys(REDIS_URL, prefix)
 
 
 # --- indexes ---

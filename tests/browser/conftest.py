@@ -46,9 +46,10 @@ from playwright.sync_api import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from rag_chat.testing.procs import Proc, free_port, spawn
+from rag_chat.testing.procs import wait_ready as _wait_ready
 from tests.conftest import ROOT
-from tests.rooms.conftest import REDIS_URL, Proc, base_env, delete_prefix, free_port, spawn
-from tests.rooms.conftest import wait_ready as _wait_ready
+from tests.rooms.conftest import REDIS_URL, base_env, delete_prefix
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

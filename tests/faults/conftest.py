@@ -34,20 +34,17 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from rag_chat.testing.procs import Proc, free_port, spawn, wait_ready
 from tests.memory import RedisServer
 from tests.rooms.conftest import (
     Client,
     Event,
-    Proc,
     TokenServer,
     base_env,
     delete_prefix,
-    free_port,
     new_prefix,
     server_env,
-    spawn,
     spawn_servers,
-    wait_ready,
 )
 
 # what the servers here are started with (see the README's configuration table)

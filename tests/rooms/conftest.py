@@ -11,10 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -25,11 +22,18 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import ROOT, TEST_REDIS_DB
+from rag_chat.testing.procs import (
+    Proc,
+    delete_keys,
+    free_port,
+    offline_env,
+    spawn,
+    wait_ready,
+)
+from tests.conftest import TEST_REDIS_DB
 
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
 PRESENCE_TTL_S = 3.0
@@ -37,98 +41,16 @@ TYPING_TTL_S = 2.0
 # the token server's default answer: short and fast (requests override it with [[tokens=N ...]])
 TOKENS = 24
 RATE = 400.0
-START_TIMEOUT_S = 240.0
 
 Event = dict[str, Any]
 _QUIET = logging.getLogger("tests.rooms.dropped-connections")
 _QUIET.disabled = True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Proc:
-    """A child process with its log file; ``url`` is where it serves HTTP."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
-    @property
-    def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://") + "/ws"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return f"--- {self.name} log ---\n" + self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return f"--- {self.name}: no log ---"
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs (a crashed instance)."""
-        if self.alive():
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        self.popen.wait(timeout=30)
-
-
-def spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path, url: str) -> Proc:
-    """Start ``cmd`` (in the repository root), its output in ``log_dir/name.log``."""
-    log = log_dir / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return Proc(name, popen, log, url)
-
-
-def wait_ready(procs: list[Proc], path: str, timeout: float = START_TIMEOUT_S) -> None:
-    """Until every process answers 200 on ``path``; stops them all if one dies or is late."""
-    pending = list(procs)
-    deadline = time.monotonic() + timeout
-    try:
-        while pending:
-            for proc in list(pending):
-                assert proc.alive(), f"{proc.name} exited with {proc.popen.returncode}\n" + (
-                    proc.tail()
-                )
-                try:
-                    if httpx.get(proc.url + path, timeout=5).status_code == 200:
-                        pending.remove(proc)
-                except httpx.HTTPError:
-                    pass
-            assert time.monotonic() < deadline, "not ready in time:\n" + "\n".join(
-                p.tail() for p in pending
-            )
-            if pending:
-                time.sleep(0.3)
-    except BaseException:
-        for proc in procs:
-            proc.stop()
-        raise
-
-
 def base_env() -> dict[str, str]:
     # the session's cache of the exported embedding model is kept: every server would export it;
     # so is the suite's RAG_MIN_RELEVANCE (tests/conftest.py: no "don't know" for "hi")
-    keep = ("RAG_EMBEDDING_CACHE_DIR", "RAG_MIN_RELEVANCE")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_") or k in keep}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
-    return env
+    return offline_env(keep=("RAG_EMBEDDING_CACHE_DIR", "RAG_MIN_RELEVANCE"))
 
 
 def server_env(data_dir: Path, prefix: str, llm_url: str, **extra: str) -> dict[str, str]:
@@ -175,13 +97,7 @@ def new_prefix() -> str:
 def delete_prefix(prefix: str) -> None:
     """SCAN + DEL of this prefix's keys only (never a flush)."""
     assert prefix.startswith("test:") and prefix.endswith(":")
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(f"{prefix}*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
-    finally:
-        client.close()
+    delete_keys(REDIS_URL, prefix)
 
 
 @dataclass
