@@ -14,17 +14,21 @@
 Embedding overlaps with the vector store's writes. A document's new chunks are in the store
 before its old ones leave, so a reader never sees half a document. A crash leaves the
 manifest's ``dirty`` flag set; the next run reconciles the store with the manifest first.
+A run may leave the keyword index's rebuild to a later one (``keyword=False``: an upload job
+of many files rebuilds it once, at its end); the manifest then marks it stale, and the next
+run that rebuilds clears the mark.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,8 @@ from rag_chat.settings import Settings
 # sentence-transformers keeps padding low, small enough to keep memory flat.
 FLUSH_CHUNKS = 2048
 CHUNK_PARAMS_VERSION = "1"
+# manifest meta: a run with keyword=False changed chunks the keyword index does not have yet
+_KEYWORD_STALE = "keyword_stale"
 
 
 class IngestError(Exception):
@@ -199,7 +205,13 @@ class Pipeline:
         dry_run: bool = False,
         prune: bool = True,
         reset: bool = False,
+        keyword: bool = True,
     ) -> Report:
+        """Sync ``paths`` into the collection. ``keyword=False`` leaves the keyword index's
+        rebuild to a later run or to :meth:`refresh_keyword_index` (an upload of many files
+        rebuilds it once, not once per file); until then the manifest marks it stale, and
+        searches see neither the new chunks' keywords nor, in an embedded Chroma, their
+        vectors (both are picked up when the rebuilt index is swapped in)."""
         started = time.perf_counter()
         report = Report()
         files, scopes = self._collect(paths, report)
@@ -214,6 +226,38 @@ class Pipeline:
             report.seconds = time.perf_counter() - started
             return report
 
+        with self._locked():
+            if reset:
+                self._reset()
+            manifest = Manifest(self.dir / "manifest.sqlite3")
+            try:
+                self._sync(files, scopes, manifest, report, prune, keyword)
+            finally:
+                manifest.close()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def refresh_keyword_index(self) -> float | None:
+        """Rebuild the keyword index if a ``keyword=False`` run left it stale (or it was built
+        with other settings). Returns the seconds it took, or None when it was up to date."""
+        path = self.dir / "manifest.sqlite3"
+        if not path.exists():
+            return None
+        with self._locked():
+            manifest = Manifest(path)
+            try:
+                if manifest.get_meta(_KEYWORD_STALE) is None and not self._keyword_index_stale():
+                    return None
+                t0 = time.perf_counter()
+                self.rebuild_keyword_index(manifest)
+                manifest.set_meta(_KEYWORD_STALE, None)
+                return time.perf_counter() - t0
+            finally:
+                manifest.close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The ingest lock: one writer per data dir (the CLI, each instance's uploads)."""
         from filelock import FileLock, Timeout
 
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -226,17 +270,9 @@ class Pipeline:
                 f"{lock.lock_file}); wait for it to finish, then run again"
             ) from exc
         try:
-            if reset:
-                self._reset()
-            manifest = Manifest(self.dir / "manifest.sqlite3")
-            try:
-                self._sync(files, scopes, manifest, report, prune)
-            finally:
-                manifest.close()
+            yield
         finally:
             lock.release()
-        report.seconds = time.perf_counter() - started
-        return report
 
     def _reset(self) -> None:
         from rag_chat.retrieval.store import make_client
@@ -347,6 +383,7 @@ class Pipeline:
         manifest: Manifest,
         report: Report,
         prune: bool,
+        keyword: bool = True,
     ) -> None:
         if manifest.get_meta("params") not in (None, self.params):
             raise IngestError(
@@ -407,10 +444,18 @@ class Pipeline:
             writer.close()
         if writer.error is not None:
             raise writer.error
-        if (changed or self._keyword_index_stale()) and not report.interrupted:
+        if report.interrupted:
+            return
+        if not keyword:
+            if changed:  # store and manifest agree; only the keyword index lags
+                manifest.set_meta(_KEYWORD_STALE, "1")
+                manifest.set_meta("dirty", None)
+            return
+        if changed or manifest.get_meta(_KEYWORD_STALE) is not None or self._keyword_index_stale():
             t0 = time.perf_counter()
             self.rebuild_keyword_index(manifest)
             report.keyword_seconds += time.perf_counter() - t0
+            manifest.set_meta(_KEYWORD_STALE, None)
             manifest.set_meta("dirty", None)
 
     def _process_file(

@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from ingest.pipeline import Pipeline
 from rag_chat.auth import Authenticator
 from rag_chat.llm.fake import FakeLLM
 from rag_chat.settings import Settings
@@ -30,9 +32,17 @@ def wait_job(client: TestClient, job_id: str, **kw: Any) -> dict[str, Any]:
 
 
 def test_uploaded_documents_are_ingested_and_answerable(
-    make_app: Any, server_settings: Settings, tmp_path: Path
+    make_app: Any, server_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = server_settings.model_copy(update={"data_dir": tmp_path / "state"})
+    rebuilds: list[int] = []  # the keyword index: rebuilt once per job, not once per file
+    real_rebuild = Pipeline.rebuild_keyword_index
+
+    def counted(self: Pipeline, manifest: Any) -> None:
+        rebuilds.append(len(manifest.all_chunk_ids()))
+        real_rebuild(self, manifest)
+
+    monkeypatch.setattr(Pipeline, "rebuild_keyword_index", counted)
     llm = FakeLLM()
     with TestClient(make_app(llm, settings)) as client:
         files = [
@@ -47,6 +57,7 @@ def test_uploaded_documents_are_ingested_and_answerable(
         assert job["state"] == "done" and (job["done"], job["total"]) == (2, 2), job
         assert all(f["state"] == "done" and f["chunks"] >= 1 for f in job["files"]), job
         assert job["message"] == "2 files ingested"
+        assert len(rebuilds) == 1 and rebuilds[0] >= 2, rebuilds  # after both files
         folder = settings.data_dir / "uploads" / owner_dir("local")
         assert sorted(p.name for p in folder.iterdir()) == ["escape.txt", "relay notes.md"]
 
@@ -60,10 +71,10 @@ def test_uploaded_documents_are_ingested_and_answerable(
             text = "".join(s.iter_text())
         assert "relay notes.md" in text  # the answer's sources include the upload
 
-        # the same file again: nothing new to embed
+        # the same file again: nothing new to embed, nothing to rebuild
         r = client.post("/api/documents", files=[files[0]])
         job = wait_job(client, r.json()["job_id"])
-        assert job["state"] == "done"
+        assert job["state"] == "done" and len(rebuilds) == 1
 
 
 def test_bad_uploads_get_clear_errors_and_nothing_is_kept(

@@ -292,6 +292,51 @@ def test_keyword_entries_carry_their_neighbours_and_follow_the_setting(
     assert keyword(alone, "journal") == ["Restores"]
 
 
+def test_a_deferred_keyword_rebuild_is_marked_and_done_once(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    """keyword=False (an upload job's files) leaves the rebuild to refresh_keyword_index or
+    the next run; the manifest marks the index stale until then, across restarts."""
+    (docs_dir / "guide.md").write_text(GUIDE)
+    p = pipeline(settings, counting)
+    assert p.run([docs_dir]).ok
+    assert p.refresh_keyword_index() is None  # up to date
+
+    def keyword(query: str) -> list[str]:
+        hits = Retriever(settings, embedder=counting).keyword(query, 5)
+        return [str(h.metadata["source"]).rsplit("/", 1)[-1] for h in hits]
+
+    def stale() -> bool:
+        m = Manifest(settings.collection_dir() / "manifest.sqlite3")
+        try:
+            return m.get_meta("keyword_stale") is not None
+        finally:
+            m.close()
+
+    (docs_dir / "faq.md").write_text(FAQ)
+    (docs_dir / "notes.md").write_text("# Notes\nThe quokka archive rotates weekly.\n")
+    for name in ("faq.md", "notes.md"):
+        r = p.run([docs_dir / name], prune=False, keyword=False)
+        assert r.ok and r.chunks_added > 0 and r.keyword_seconds == 0
+    assert stale() and keyword("quokka") == []  # in the store, not in the keyword index yet
+    assert store_ids(p) == manifest_ids(settings)
+
+    fresh = pipeline(settings, counting)  # another process (a restart) sees the mark
+    took = fresh.refresh_keyword_index()
+    assert took is not None and took > 0
+    assert not stale() and keyword("quokka") == ["notes.md"]
+    assert keyword("dimensions")[0] == "faq.md"
+    assert fresh.refresh_keyword_index() is None
+
+    # a run that rebuilds (the CLI's) also clears a mark, even when it changes nothing
+    (docs_dir / "notes.md").write_text("# Notes\nThe wombat archive rotates weekly.\n")
+    assert p.run([docs_dir / "notes.md"], prune=False, keyword=False).ok
+    assert stale() and keyword("wombat") == []
+    r = pipeline(settings, counting).run([docs_dir])
+    assert r.ok and r.chunks_added == 0 and r.keyword_seconds > 0
+    assert not stale() and keyword("wombat") == ["notes.md"]
+
+
 def _set_documents(p: Pipeline, ids: list[str], texts: list[str]) -> None:
     # with the vectors: texts alone would have Chroma embed them (its default model: a download)
     vectors = p.store.collection.get(ids=ids, include=["embeddings"])
