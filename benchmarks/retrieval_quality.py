@@ -56,17 +56,23 @@ def cached_embeddings(name: str, texts: list[str], embedder: Embedder) -> np.nda
 
 
 def vectors_from_index(data_dir: Path, chunks: list[Any]) -> np.ndarray:
-    """The chunk vectors an ingest already stored in Chroma (matched by content hash)."""
+    """The chunk vectors an ingest already stored in Chroma (matched by content hash, which
+    the manifest holds: an embedded Chroma keeps no metadata but ``position``)."""
     import chromadb
+
+    from rag_chat.retrieval.store import ChunkTexts
 
     client = chromadb.PersistentClient(path=str(data_dir / "chroma"))
     col = client.get_collection("docs")
+    manifest = ChunkTexts(data_dir / "collections" / "docs" / "manifest.sqlite3")
     by_hash: dict[str, np.ndarray] = {}
     offset = 0
     while True:
-        page = col.get(include=["embeddings", "metadatas"], limit=5000, offset=offset)
-        for meta, vec in zip(page["metadatas"], page["embeddings"], strict=True):
-            by_hash[str(meta["content_hash"])] = np.asarray(vec, dtype=np.float32)
+        page = col.get(include=["embeddings"], limit=5000, offset=offset)
+        metas = manifest.get(page["ids"])
+        for cid, vec in zip(page["ids"], page["embeddings"], strict=True):
+            if cid in metas:
+                by_hash[str(metas[cid][1]["content_hash"])] = np.asarray(vec, dtype=np.float32)
         if len(page["ids"]) < 5000:
             break
         offset += 5000

@@ -13,15 +13,16 @@ from pathlib import Path
 from filelock import FileLock
 
 from ingest.manifest import Manifest
-from rag_chat.retrieval.store import VectorStore, make_client
+from rag_chat.retrieval.store import ChunkTexts, VectorStore, make_client
 from tests.builders import make_pdf
 from tests.conftest import ROOT, ingest_install_guide, run_cli
 
 
 def landed(data_dir: Path) -> set[str]:
-    store = VectorStore(make_client(data_dir), "docs", "all-MiniLM-L6-v2")
-    got = store.collection.get(include=["metadatas"])
-    return {Path(str(m["source"])).name for m in got["metadatas"]}
+    manifest = ChunkTexts(data_dir / "collections" / "docs" / "manifest.sqlite3")
+    store = VectorStore(make_client(data_dir), "docs", "all-MiniLM-L6-v2", manifest)
+    found = store.get(sorted(store.all_ids()))  # as searches read them: the manifest's
+    return {Path(str(meta["source"])).name for _, meta in found.values()}
 
 
 def consistent(data_dir: Path) -> bool:

@@ -12,6 +12,7 @@ from ingest.manifest import Manifest
 from ingest.pipeline import Pipeline
 from rag_chat.retrieval.embedder import Embedder
 from rag_chat.retrieval.search import Retriever
+from rag_chat.retrieval.store import ChunkTexts, VectorStore
 from rag_chat.settings import Settings
 from tests.builders import make_pdf
 
@@ -82,6 +83,14 @@ def test_ingest_then_rerun_embeds_nothing(
     assert (r1.files_added, r1.files_ignored) == (3, 1)
     assert r1.chunks_added == len(counting.texts) > 0
     assert store_ids(p) == manifest_ids(settings)
+    # an embedded Chroma holds the vectors and the field searches filter on; texts and
+    # metadata are the manifest's (rag_chat.retrieval.store)
+    raw = p.store.collection.get(include=["documents", "metadatas"])
+    assert set(raw["documents"]) == {None}
+    assert {tuple(m) for m in raw["metadatas"]} == {("position",)}
+    assert {m["source"].rsplit("/", 1)[-1] for m in stored_meta(p)} == {
+        "guide.md", "faq.md", "manual.pdf"
+    }  # fmt: skip
     # where its time went (what benchmarks/ingest_throughput.py prints), each part timed
     assert r1.write_seconds > 0 and r1.open_seconds > 0 and r1.keyword_seconds > 0
     assert 0 < r1.writer_wait_seconds < r1.seconds
@@ -180,8 +189,7 @@ def test_beir_jsonl_records_become_doc_ids_and_update_per_record(
     p = pipeline(settings, counting)
     r1 = p.run([corpus])
     assert r1.docs_changed == 5
-    got = p.store.collection.get(include=["metadatas"])
-    assert sorted(m["doc_id"] for m in got["metadatas"]) == [f"doc{i}" for i in range(5)]
+    assert sorted(m["doc_id"] for m in stored_meta(p)) == [f"doc{i}" for i in range(5)]
 
     # one record edited, one removed: only that record is re-embedded
     counting.texts.clear()
@@ -190,8 +198,7 @@ def test_beir_jsonl_records_become_doc_ids_and_update_per_record(
     corpus.write_text("\n".join(json.dumps(r) for r in recs))
     r2 = pipeline(settings, counting).run([corpus])
     assert r2.docs_changed == 1 and counting.texts == ["Title 2\nEdited body."]
-    got = p.store.collection.get(include=["metadatas"])
-    assert sorted(m["doc_id"] for m in got["metadatas"]) == [f"doc{i}" for i in range(4)]
+    assert sorted(m["doc_id"] for m in stored_meta(p)) == [f"doc{i}" for i in range(4)]
 
 
 def test_file_with_bad_records_lands_good_ones_and_is_reported_again(
@@ -257,9 +264,19 @@ def test_other_embedding_model_is_refused(
         VectorStore(make_client(settings.data_dir), settings.collection, "other-model")
 
 
+def stored_meta(p: Pipeline) -> list[dict[str, Any]]:
+    """The metadata of every chunk in Chroma, read as searches read it (the manifest's)."""
+    store = VectorStore(
+        p.store.client, p.collection, p.embedder.name, ChunkTexts(p.dir / "manifest.sqlite3")
+    )
+    ids = sorted(store.all_ids())
+    found = store.get(ids)
+    assert set(found) == set(ids)  # every vector has its text and metadata
+    return [found[cid][1] for cid in ids]
+
+
 def _sources(p: Pipeline) -> list[str]:
-    got = p.store.collection.get(include=["metadatas"])
-    return [m["source"] for m in got["metadatas"]]
+    return [str(m["source"]) for m in stored_meta(p)]
 
 
 def test_keyword_entries_carry_their_neighbours_and_follow_the_setting(
@@ -337,12 +354,17 @@ def test_a_deferred_keyword_rebuild_is_marked_and_done_once(
     assert not stale() and keyword("wombat") == ["notes.md"]
 
 
-def _set_documents(p: Pipeline, ids: list[str], texts: list[str]) -> None:
+def _set_documents(
+    p: Pipeline, ids: list[str], texts: list[str], metas: list[dict[str, Any]] | None = None
+) -> None:
     # with the vectors: texts alone would have Chroma embed them (its default model: a download)
     vectors = p.store.collection.get(ids=ids, include=["embeddings"])
     order = {cid: i for i, cid in enumerate(vectors["ids"])}
     p.store.collection.update(
-        ids=ids, documents=texts, embeddings=[vectors["embeddings"][order[cid]] for cid in ids]
+        ids=ids,
+        documents=texts,
+        embeddings=[vectors["embeddings"][order[cid]] for cid in ids],
+        metadatas=metas,
     )
 
 
@@ -388,7 +410,10 @@ def test_an_index_from_before_texts_moved_is_read_then_migrated(
     m = Manifest(path)
     try:  # the old layout: texts in Chroma, a manifest without text or meta columns
         rows = m.db.execute("SELECT id, text, meta FROM chunks").fetchall()
-        _set_documents(p, [r[0] for r in rows], [r[1] for r in rows])
+        # (and all their metadata, as that version wrote it)
+        _set_documents(
+            p, [r[0] for r in rows], [r[1] for r in rows], [json.loads(r[2]) for r in rows]
+        )
         m.db.execute("ALTER TABLE chunks DROP COLUMN text")
         m.db.execute("ALTER TABLE chunks DROP COLUMN meta")
     finally:

@@ -6,6 +6,8 @@ and cancels, in one order; a dropped connection or a killed instance is cleaned 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
 import threading
 import time
@@ -376,6 +378,19 @@ def test_two_instances_share_a_chroma_server(tmp_path: Path, token_server: Token
         )
         assert ingested.returncode == 0, ingested.stderr
         assert not (state / "chroma").exists()  # the vectors went to the server, not embedded
+        # with their texts and all their metadata: readers on other machines have no manifest
+        # (read in a child process: chromadb's HttpClient leaves its sockets open on close)
+        host, port = chroma.url.removeprefix("http://").split(":")
+        read = (
+            "import chromadb, json\n"
+            f"c = chromadb.HttpClient(host={host!r}, port={port}).get_collection('docs')\n"
+            "print(json.dumps(c.get(limit=5, include=['documents', 'metadatas'])))"
+        )
+        out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        some = json.loads(out.stdout)
+        assert len(some["ids"]) == 5 and all(some["documents"])
+        assert all({"source", "doc_id", "heading", "position"} <= set(m) for m in some["metadatas"])
         env = server_env(state, prefix, token_server.v1, RAG_CHROMA_URL=chroma.url)
         servers = spawn_servers(["chroma-A", "chroma-B"], env, tmp_path)
         chunks = [
