@@ -237,6 +237,24 @@ class Pipeline:
         report.seconds = time.perf_counter() - started
         return report
 
+    @staticmethod
+    def keyword_index_marked_stale(settings: Settings, collection: str | None = None) -> bool:
+        """A ``keyword=False`` run left the collection's keyword index behind its chunks (an
+        upload job cut off before its end): read-only, for a server's start-up check."""
+        import sqlite3
+
+        path = settings.collection_dir(collection) / "manifest.sqlite3"
+        if not path.is_file():
+            return False
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT 1 FROM meta WHERE key = ?", (_KEYWORD_STALE,)).fetchone()
+        except sqlite3.Error:
+            return False
+        finally:
+            db.close()
+        return row is not None
+
     def refresh_keyword_index(self) -> float | None:
         """Rebuild the keyword index if a ``keyword=False`` run left it stale (or it was built
         with other settings). Returns the seconds it took, or None when it was up to date."""

@@ -141,6 +141,8 @@ class Services:
             limits=limits,
         )
         await rooms.start()
+        uploads = Uploads(settings, job_store, embedder)
+        uploads.start()
         return cls(
             settings,
             llm,
@@ -151,7 +153,7 @@ class Services:
             Authenticator(settings),
             Access(access_store),
             limits,
-            Uploads(settings, job_store, embedder),
+            uploads,
             search_process=search_process,
         )
 

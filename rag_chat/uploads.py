@@ -210,7 +210,44 @@ class Uploads:
             raise NotFound(f"no upload job {job_id!r}")
         return job
 
-    async def _run(self) -> None:
+    def start(self) -> None:
+        """At start-up: finish what an upload job cut off by a crash or restart left undone
+        (its files are in the store; the keyword index, rebuilt at a job's end, may lack
+        them): rebuild the index if the manifest marks it stale, before any new job."""
+        self._runner = asyncio.create_task(self._run(recover=True), name="upload-jobs")
+
+    async def _recover(self) -> None:
+        from ingest.pipeline import Pipeline
+
+        if not await asyncio.to_thread(Pipeline.keyword_index_marked_stale, self.settings):
+            return
+        pipeline = await asyncio.to_thread(self._make_pipeline)
+        seconds = await self._locked(pipeline.refresh_keyword_index)
+        if seconds is not None:
+            log.info(
+                "keyword index left stale by an earlier upload job: rebuilt in %.2f s", seconds
+            )
+
+    async def _locked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` in a worker thread, waiting while the CLI or another instance holds the
+        ingest lock (``IngestBusy``), up to ``BUSY_WAIT_S``."""
+        from ingest.pipeline import IngestBusy
+
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while True:
+            try:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+            except IngestBusy:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(BUSY_RETRY_S)
+
+    async def _run(self, recover: bool = False) -> None:
+        if recover:
+            try:
+                await self._recover()
+            except Exception:  # the jobs must run all the same
+                log.exception("start-up keyword index check failed")
         while not self._queue.empty():
             job, paths = self._queue.get_nowait()
             try:
@@ -235,26 +272,14 @@ class Uploads:
         return self._pipeline
 
     async def _ingest(self, job: Job, paths: list[Path]) -> None:
-        from ingest.pipeline import IngestBusy
-
         job.state = "running"
         await self.store.put(job)
         pipeline = await asyncio.to_thread(self._make_pipeline)
 
-        async def locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-            deadline = time.monotonic() + BUSY_WAIT_S
-            while True:
-                try:
-                    return await asyncio.to_thread(fn, *args, **kwargs)
-                except IngestBusy:  # the CLI or another instance is ingesting: wait our turn
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(BUSY_RETRY_S)
-
         async def refresh() -> None:
             # searches see the job's chunks from here: the rebuilt index is swapped in and an
             # embedded Chroma reopened with it
-            seconds = await locked(pipeline.refresh_keyword_index)
+            seconds = await self._locked(pipeline.refresh_keyword_index)
             if seconds is not None:
                 log.info("upload job %s: keyword index rebuilt in %.2f s", job.job_id, seconds)
 
@@ -264,7 +289,7 @@ class Uploads:
                 await self.store.put(job)
                 # the keyword index is rebuilt once, after the last file (a rebuild reads
                 # every chunk: ~2 s at 100,000 of them), not once per file
-                report = await locked(pipeline.run, [path], prune=False, keyword=False)
+                report = await self._locked(pipeline.run, [path], prune=False, keyword=False)
                 if report.errors:
                     msg = "; ".join(m for _, m in report.errors)
                     state.state, state.error = "failed", msg[:500]
@@ -273,7 +298,7 @@ class Uploads:
                     state.chunks = report.chunks_added + report.chunks_kept
                 await self.store.put(job)
         except asyncio.CancelledError:
-            raise  # shutting down: the manifest marks the index stale; the next ingest rebuilds
+            raise  # shutting down: the manifest marks the index stale; the next start rebuilds
         except Exception:
             await refresh()  # the files done before the failure
             raise

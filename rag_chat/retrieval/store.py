@@ -7,8 +7,10 @@ opening it with another model is refused, since mixing vector spaces silently ru
 A chunk's text and metadata are read from the ingest manifest (``ChunkTexts``) where it has
 them: ingest stores no text in an embedded Chroma, whose local store builds a full-text
 (trigram) index of every text it holds — nothing here queries it, and it cost three quarters of
-ingest's writes. A chunk the manifest has no text for (an index ingested before it kept them,
-or a Chroma server, which keeps the texts) is read from Chroma as before.
+ingest's writes — and of the metadata only ``position`` (what ``where`` filters use: the
+metadata index cost as much as the vectors). A chunk the manifest has no text for (an index
+ingested before it kept them, or a Chroma server, which keeps texts and all metadata for
+readers on other machines) is read from Chroma as before.
 """
 
 from __future__ import annotations

@@ -143,3 +143,29 @@ def test_safe_names() -> None:
     long = safe_name("x" * 300 + ".pdf")
     assert len(long) == 120 and long.endswith(".pdf")
     assert owner_dir("alice") != owner_dir("Alice") and owner_dir("../x").startswith("_x-")
+
+
+def test_a_keyword_index_an_upload_left_stale_is_rebuilt_at_start(
+    make_app: Any, server_settings: Settings, embedder: Any, tmp_path: Path
+) -> None:
+    """A job cut off after its files but before its keyword rebuild (a crash, a restart)
+    leaves the manifest's mark; the next server start rebuilds the index by itself."""
+    settings = server_settings.model_copy(update={"data_dir": tmp_path / "state"})
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "relay.md").write_text(f"# Relay\n\n{FACT}\n")
+    report = Pipeline(settings, embedder=embedder, progress=False).run(
+        [docs / "relay.md"], keyword=False
+    )
+    assert report.ok and report.chunks_added == 1
+    assert Pipeline.keyword_index_marked_stale(settings)
+    with TestClient(make_app(FakeLLM(), settings)) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            r = client.post("/api/search", json={"query": "zebrafish", "k": 3, "mode": "bm25"})
+            assert r.status_code == 200, r.text
+            if r.json()["results"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert FACT in r.json()["results"][0]["text"]
+        assert not Pipeline.keyword_index_marked_stale(settings)
