@@ -720,7 +720,8 @@ class _Writer:
         # embedded one keeps neither: both are in the manifest (see rag_chat.retrieval.store),
         # and Chroma holds the vectors and the one field a search filters on (``position``:
         # rag_chat.eval's dense-first). Its metadata index costs as much as the vectors:
-        # upserting 1,500 chunks took 1.05-1.16 s with the nine fields, 0.60-0.65 with one.
+        # upserting 1,500 chunks took 0.84-0.98 s with the nine fields, 0.62-0.65 s with
+        # position alone (benchmarks/chroma_texts.py --metadata).
         full = bool(self.p.settings.chroma_url)
 
         def meta(w: _DocWork, c: Chunk) -> dict[str, str | int]:
