@@ -9,6 +9,10 @@ by the same pipeline as ``python -m ingest``, one job per upload, with progress 
     ──► the job's state after each file (Redis, so any instance can answer
     GET /api/documents/jobs/{id}) ──► after the last: one keyword-index rebuild ──► job done
 
+The queue lives in the instance that took the upload: it renews a key per job it holds
+(``HEARTBEAT_S``), and a job found queued or running without one (its instance stopped) is
+reported failed, not left running forever.
+
 The retriever sees the job's chunks when the job is done: the keyword index is reloaded when
 the pipeline swaps in the rebuilt one, and an embedded Chroma is reopened with it (what another
 instance or ``python -m ingest`` wrote reaches dense search the same way). One rebuild per job,
@@ -44,6 +48,11 @@ T = TypeVar("T")
 JOB_TTL_S = 24 * 3600
 BUSY_RETRY_S = 1.0
 BUSY_WAIT_S = 600.0
+# the instance holding a queued or running job renews a key of it this often; a job whose key
+# lapsed (its instance crashed or was stopped) is reported failed, not left "running" forever
+HEARTBEAT_S = 10.0
+ALIVE_TTL_S = 35.0
+STOPPED = "not ingested: the server working on this upload stopped; upload the file again"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
 
 
@@ -117,6 +126,11 @@ class JobStore(Protocol):
 
     async def get(self, job_id: str) -> Job | None: ...
 
+    async def touch(self, job_ids: list[str], ttl_s: float) -> None:
+        """These jobs are held by a live instance for ``ttl_s`` more seconds."""
+
+    async def alive(self, job_id: str) -> bool: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -144,6 +158,21 @@ class RedisJobStore:
             raise MemoryUnavailable(f"Redis is not reachable for upload jobs ({exc})") from exc
         return Job.from_json(text) if text else None
 
+    async def touch(self, job_ids: list[str], ttl_s: float) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.set(f"{self.prefix}{job_id}:alive", "1", px=int(ttl_s * 1000))
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise MemoryUnavailable(f"Redis is not reachable for upload jobs ({exc})") from exc
+
+    async def alive(self, job_id: str) -> bool:
+        try:
+            return bool(await self._redis.exists(f"{self.prefix}{job_id}:alive"))
+        except (RedisError, OSError) as exc:
+            raise MemoryUnavailable(f"Redis is not reachable for upload jobs ({exc})") from exc
+
     async def aclose(self) -> None:
         await self._redis.aclose()
 
@@ -159,6 +188,12 @@ class LocalJobStore:
         text = self._jobs.get(job_id)
         return Job.from_json(text) if text else None
 
+    async def touch(self, job_ids: list[str], ttl_s: float) -> None:
+        return None  # one process: the instance answering is the one holding its jobs
+
+    async def alive(self, job_id: str) -> bool:
+        return True
+
     async def aclose(self) -> None:
         return None
 
@@ -171,6 +206,8 @@ class Uploads:
         self.root = settings.data_dir / "uploads"
         self._queue: asyncio.Queue[tuple[Job, list[Path]]] = asyncio.Queue()
         self._runner: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._held: set[str] = set()  # queued or running here: their keys are renewed
         self._pipeline: Any = None
 
     def check(self, name: str, size: int | None) -> str:
@@ -198,7 +235,11 @@ class Uploads:
     async def submit(self, owner: str, files: list[tuple[str, Path]]) -> Job:
         """Queue already-saved files (name shown, path on disk) for ingest."""
         job = Job(uuid.uuid4().hex, owner, [FileState(name) for name, _ in files])
+        await self.store.touch([job.job_id], ALIVE_TTL_S)
         await self.store.put(job)
+        self._held.add(job.job_id)
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._beat(), name="upload-heartbeat")
         self._queue.put_nowait((job, [p for _, p in files]))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="upload-jobs")
@@ -208,7 +249,27 @@ class Uploads:
         job = await self.store.get(job_id)
         if job is None or job.owner != owner:
             raise NotFound(f"no upload job {job_id!r}")
+        if job.state in ("queued", "running") and not await self.store.alive(job_id):
+            # its instance stopped (a crash, a restart): nobody will finish it
+            job.state = "failed"
+            for f in job.files:
+                if f.state in ("queued", "running"):
+                    f.state, f.error = "failed", STOPPED
+            failed = sum(f.state == "failed" for f in job.files)
+            job.message = f"{len(job.files) - failed} of {len(job.files)} files ingested"
+            await self.store.put(job)
         return job
+
+    async def _beat(self) -> None:
+        """Renew the keys of the jobs held here while there are any."""
+        while self._held:
+            await asyncio.sleep(HEARTBEAT_S)
+            if not self._held:
+                break
+            try:
+                await self.store.touch(sorted(self._held), ALIVE_TTL_S)
+            except MemoryUnavailable as exc:  # the next beat may get through
+                log.warning("upload jobs' heartbeat failed: %s", exc)
 
     def start(self) -> None:
         """At start-up: finish what an upload job cut off by a crash or restart left undone
@@ -257,6 +318,8 @@ class Uploads:
                 job.state, job.message = "failed", f"ingest failed: {exc}"
                 with contextlib.suppress(RagChatError):
                     await self.store.put(job)
+            finally:
+                self._held.discard(job.job_id)
 
     def _make_pipeline(self) -> Any:
         from ingest.pipeline import Pipeline
@@ -313,8 +376,9 @@ class Uploads:
         await self.store.put(job)
 
     async def aclose(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(BaseException):
-                await self._runner
+        for task in (self._runner, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         await self.store.aclose()

@@ -3,18 +3,21 @@ and are answerable right after; bad uploads get clear errors and leave nothing b
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from filelock import FileLock
 
+import rag_chat.uploads as uploads_module
 from ingest.pipeline import Pipeline
 from rag_chat.auth import Authenticator
 from rag_chat.llm.fake import FakeLLM
 from rag_chat.settings import Settings
-from rag_chat.uploads import owner_dir, safe_name
+from rag_chat.uploads import FileState, Job, RedisJobStore, owner_dir, safe_name
 
 FACT = "The zebrafish telemetry relay listens on port 47123 and rotates its keys hourly."
 
@@ -169,3 +172,50 @@ def test_a_keyword_index_an_upload_left_stale_is_rebuilt_at_start(
             time.sleep(0.2)
         assert FACT in r.json()["results"][0]["text"]
         assert not Pipeline.keyword_index_marked_stale(settings)
+
+
+def test_a_job_whose_server_stopped_is_reported_failed_and_a_waiting_one_stays_alive(
+    make_app: Any, server_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs live in Redis, their queue in the instance that took them: a job left queued or
+    running by an instance that stopped reads as failed (the UI would wait forever), while a
+    job of a live instance, however long it waits, does not."""
+    monkeypatch.setattr(uploads_module, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(uploads_module, "ALIVE_TTL_S", 0.7)
+    monkeypatch.setattr(uploads_module, "BUSY_RETRY_S", 0.1)
+    settings = server_settings.model_copy(update={"data_dir": tmp_path / "state"})
+    with TestClient(make_app(FakeLLM(), settings)) as client:
+        # an instance that stopped mid-job: the job's record, no key renewed for it
+        orphan = Job(
+            "a" * 32, "local", [FileState("a.md", "done", chunks=3), FileState("b.md", "running")]
+        )
+        orphan.state = "running"
+
+        async def put() -> None:
+            store = RedisJobStore(settings.redis_url, settings.redis_prefix)
+            await store.put(orphan)
+            await store.aclose()
+
+        asyncio.run(put())
+        job = client.get(f"/api/documents/jobs/{orphan.job_id}").json()
+        assert job["state"] == "failed" and job["message"] == "1 of 2 files ingested", job
+        assert (job["files"][0]["state"], job["files"][0]["chunks"]) == ("done", 3)
+        assert job["files"][1]["state"] == "failed" and "stopped" in job["files"][1]["error"]
+
+        # a live job waiting for the ingest lock (the CLI holds it) for several key lifetimes
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(settings.data_dir / "ingest.lock"))
+        lock.acquire()
+        try:
+            r = client.post(
+                "/api/documents", files=[("files", ("c.md", "# C\n\ncee", "text/plain"))]
+            )
+            job_id = r.json()["job_id"]
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                job = client.get(f"/api/documents/jobs/{job_id}").json()
+                assert job["state"] == "running", job
+                time.sleep(0.1)
+        finally:
+            lock.release()
+        assert wait_job(client, job_id)["state"] == "done"
