@@ -256,7 +256,10 @@ class Uploads:
                 if f.state in ("queued", "running"):
                     f.state, f.error = "failed", STOPPED
             failed = sum(f.state == "failed" for f in job.files)
-            job.message = f"{len(job.files) - failed} of {len(job.files)} files ingested"
+            job.message = (
+                f"the server ingesting this upload stopped: {len(job.files) - failed} of "
+                f"{len(job.files)} files ingested"
+            )
             await self.store.put(job)
         return job
 
