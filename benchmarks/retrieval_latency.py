@@ -81,7 +81,8 @@ from rag_chat.retrieval.search import Retriever  # noqa: E402
 from rag_chat.retrieval.store import ChunkTexts, VectorStore, make_client  # noqa: E402
 from rag_chat.settings import Settings  # noqa: E402
 
-BUILD_VERSION = "3"  # 2: BM25 entries with their neighbours; 3: texts in the manifest
+BUILD_VERSION = "4"  # 2: BM25 entries with their neighbours; 3: texts in the manifest;
+# 4: an embedded Chroma gets position only, as ingest writes it
 SYNTH_COLLECTION = "bench"
 WRITE_BATCH = 10_000
 GOAL_P50_MS = 20.0
@@ -216,8 +217,10 @@ def build_index(
     store = VectorStore(make_client(folder), SYNTH_COLLECTION, embedder.name)
     for i in range(0, size, WRITE_BATCH):
         j = i + WRITE_BATCH
-        # as ingest writes an embedded Chroma: vectors and metadata; texts in the manifest
-        store.upsert(synth.ids[i:j], synth.vectors[i:j], None, synth.metas[i:j])
+        # as ingest writes an embedded Chroma: vectors and position; texts and metadata in
+        # the manifest
+        positions = [{"position": int(m.get("position", 0))} for m in synth.metas[i:j]]
+        store.upsert(synth.ids[i:j], synth.vectors[i:j], None, positions)
         print(f"  {size:,}: {min(j, size):,} chunks written to Chroma", end="\r", flush=True)
     # the entries an ingest writes: each document's chunks in order, with their neighbours
     order = sorted(

@@ -42,8 +42,10 @@ def write_files(folder: Path, n: int, round_no: int) -> list[Path]:
         with corpus.open() as fh:
             for line, _ in zip(fh, range(n), strict=False):
                 records.append(json.loads(line))
-    while len(records) < n:  # without the dataset: the project's own guide, varied
-        records.append({"title": "Guide", "text": (ROOT / "data").joinpath("guide.md").read_text()})
+    guide = sorted((ROOT / "data" / "guide").glob("*.md"))
+    while len(records) < n:  # without the dataset: the project's own guide
+        page = guide[len(records) % len(guide)]
+        records.append({"title": page.stem, "text": page.read_text()})
     folder.mkdir(parents=True)
     paths = []
     for i, rec in enumerate(records):
