@@ -9,6 +9,8 @@
   index, and what a search reads a hit's text and metadata from (an embedded Chroma holds only
   vectors and metadata: storing a text there builds Chroma's full-text index of it, which
   nothing here queries and which cost three quarters of ingest's writes).
+- ``vocab``: every stemmed term ever written, with a lasting id; a chunk keeps its terms as
+  those ids too (``term_ids``), so rebuilding the BM25 index splits and looks up no strings.
 - ``meta``: the ``dirty`` flag, set while a run mutates the index. A run that finds it set (a
   crash, Ctrl-C) reconciles the vector store with this manifest before doing anything else.
 
@@ -35,11 +37,14 @@ CREATE TABLE IF NOT EXISTS docs (
 CREATE INDEX IF NOT EXISTS docs_path ON docs(path);
 CREATE TABLE IF NOT EXISTS chunks (
     id TEXT PRIMARY KEY, doc_key TEXT NOT NULL, position INTEGER NOT NULL, terms TEXT NOT NULL,
-    text TEXT, meta TEXT
+    text TEXT, meta TEXT, term_ids BLOB
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_key);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_VOCAB = "CREATE TABLE IF NOT EXISTS vocab (id INTEGER PRIMARY KEY, term TEXT NOT NULL UNIQUE)"
+# a chunk's terms as ids into ``vocab``: C ints, as ``array("i")`` writes them
+TERM_ID_TYPECODE = "i"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class ChunkRow:
     terms: str
     text: str | None = None
     meta: str | None = None  # JSON
+    term_ids: bytes | None = None  # ``terms`` as vocabulary ids (Manifest.encode_terms)
 
 
 def encode_meta(meta: Mapping[str, str | int | float | bool]) -> str:
@@ -71,6 +77,14 @@ class Manifest:
                 self.db.execute("ALTER TABLE chunks ADD COLUMN meta TEXT")
                 if self.db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
                     self.db.execute("INSERT OR REPLACE INTO meta VALUES ('texts_missing', '1')")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(chunks)")}
+        if migrate:  # from before terms were kept as ids too
+            if "term_ids" not in columns:
+                self.db.execute("ALTER TABLE chunks ADD COLUMN term_ids BLOB")
+            self.db.execute(_VOCAB)
+        self._vocab: dict[str, int] | None = None  # loaded on first use
+        self._next_id = 0
+        self._new_terms: list[tuple[int, str]] = []  # assigned, written with the next commit
 
     def close(self) -> None:
         self.db.close()
@@ -101,11 +115,57 @@ class Manifest:
     def all_chunk_ids(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM chunks")}
 
-    def iter_terms(self) -> Iterator[tuple[str, str, str]]:
-        """(chunk id, doc_key, terms), each document's chunks together and in order."""
+    def iter_terms(self) -> Iterator[tuple[str, str, str, bytes | None]]:
+        """(chunk id, doc_key, terms, term ids or None), each document's chunks together and
+        in order."""
         yield from self.db.execute(
-            "SELECT id, doc_key, terms FROM chunks ORDER BY doc_key, position, id"
+            "SELECT id, doc_key, terms, term_ids FROM chunks ORDER BY doc_key, position, id"
         )
+
+    # --- the terms' vocabulary: ids that keep, so a keyword rebuild splits no strings ---
+    def encode_terms(self, terms: Sequence[str]) -> bytes:
+        """``terms`` as vocabulary ids; a new term gets the next id, written to the vocabulary
+        with the next commit (``commit_docs`` / ``set_term_ids``) — the rows that use it are
+        written with it, so a failed commit leaves no row pointing at a missing term."""
+        from array import array
+
+        vocab = self._load_vocab()
+        ids = array(TERM_ID_TYPECODE)
+        for term in terms:
+            tid = vocab.get(term)
+            if tid is None:
+                tid = vocab[term] = self._next_id
+                self._next_id += 1
+                self._new_terms.append((tid, term))
+            ids.append(tid)
+        return ids.tobytes()
+
+    def vocab_terms(self) -> list[str]:
+        """Every term of the vocabulary, by id (what ``encode_terms`` has assigned so far)."""
+        vocab = self._load_vocab()
+        terms = [""] * self._next_id
+        for term, tid in vocab.items():
+            terms[tid] = term
+        return terms
+
+    def set_term_ids(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        """(chunk id, term ids) of chunks already listed (a manifest from before term ids)."""
+        with self._txn():
+            self._write_new_terms()
+            self.db.executemany(
+                "UPDATE chunks SET term_ids=? WHERE id=?", [(b, i) for i, b in rows]
+            )
+        self._new_terms.clear()
+
+    def _load_vocab(self) -> dict[str, int]:
+        if self._vocab is None:
+            self._vocab = {t: i for i, t in self.db.execute("SELECT id, term FROM vocab")}
+            self._next_id = max(self._vocab.values(), default=-1) + 1
+        return self._vocab
+
+    def _write_new_terms(self) -> None:
+        if self._new_terms:
+            self.db.executemany("INSERT INTO vocab(id, term) VALUES (?,?)", self._new_terms)
 
     def without_text(self, after: str, limit: int) -> list[str]:
         """Ids past ``after``, in order, of chunks whose text is not here (ingested before the
@@ -139,12 +199,16 @@ class Manifest:
     ) -> None:
         """Replace documents (doc_key, path, doc_id, sha256, chunks) and record finished files."""
         with self._txn():
+            self._write_new_terms()
             for doc_key, path, doc_id, sha, rows in docs:
                 self.db.execute("DELETE FROM chunks WHERE doc_key=?", (doc_key,))
                 self.db.executemany(
-                    "INSERT OR REPLACE INTO chunks(id, doc_key, position, terms, text, meta) "
-                    "VALUES (?,?,?,?,?,?)",
-                    [(r.id, doc_key, r.position, r.terms, r.text, r.meta) for r in rows],
+                    "INSERT OR REPLACE INTO chunks(id, doc_key, position, terms, text, meta, "
+                    "term_ids) VALUES (?,?,?,?,?,?,?)",
+                    [
+                        (r.id, doc_key, r.position, r.terms, r.text, r.meta, r.term_ids)
+                        for r in rows
+                    ],
                 )
                 self.db.execute(
                     "INSERT OR REPLACE INTO docs(doc_key, path, doc_id, sha256) VALUES (?,?,?,?)",
@@ -164,6 +228,7 @@ class Manifest:
                 "INSERT OR REPLACE INTO files(path, sha256, size, mtime_ns) VALUES (?,?,?,?)",
                 list(files),
             )
+        self._new_terms.clear()  # in the vocabulary now (a rolled-back commit keeps them due)
 
     def forget_file_hash(self, path: str) -> None:
         with self._txn():

@@ -603,12 +603,20 @@ class Pipeline:
         (benchmarks/retrieval_views.py; README)."""
         from rag_chat.retrieval.keyword import KeywordIndex
 
-        ids, docs, own = [], [], []
-        for cid, doc_key, t in manifest.iter_terms():
+        ids, docs, blobs = [], [], []
+        missing: list[tuple[str, bytes]] = []  # chunks written before terms were kept as ids
+        for cid, doc_key, t, term_ids in manifest.iter_terms():
+            if term_ids is None:
+                term_ids = manifest.encode_terms(t.split())
+                missing.append((cid, term_ids))
             ids.append(cid)
             docs.append(doc_key)
-            own.append(t.split())
-        index = KeywordIndex.from_terms(ids, docs, own, self.settings.keyword_neighbours)
+            blobs.append(term_ids)
+        if missing:  # once: the next rebuild reads them
+            manifest.set_term_ids(missing)
+        index = KeywordIndex.from_term_ids(
+            ids, docs, blobs, manifest.vocab_terms(), self.settings.keyword_neighbours
+        )
         index.params = self._keyword_params()
         index.save(self.dir / "bm25")
 
@@ -749,11 +757,13 @@ class _Writer:
                         ChunkRow(
                             c.id,
                             c.position,
-                            " ".join(terms(c.embed_text)),
+                            " ".join(words),
                             c.text,
                             encode_meta(c.metadata(w.source, w.doc.kind)),
+                            self.manifest.encode_terms(words),
                         )
                         for c in w.chunks
+                        for words in (terms(c.embed_text),)
                     ],
                 )
                 for w in batch.docs

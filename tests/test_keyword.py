@@ -113,3 +113,27 @@ def test_entries_without_any_term_make_an_index_that_finds_nothing(tmp_path: Pat
     one = KeywordIndex.build(["only"], [["word", "word"]])
     hits = one.search("word", 5)
     assert [i for i, _ in hits] == ["only"] and np.isfinite(hits[0][1])
+
+
+@pytest.mark.parametrize("neighbours", [0, 1, 2])
+def test_an_index_from_stored_term_ids_is_the_one_from_the_terms(neighbours: int) -> None:
+    """What ingest rebuilds from (each chunk's terms as ids into the manifest's vocabulary,
+    whose ids follow no particular order and include terms no chunk uses any more) gives the
+    index ``from_terms`` gives: the same arrays and vocabulary."""
+    from array import array
+
+    ids, docs, own = guide_chunks()
+    words = sorted({t for ts in own for t in ts}, reverse=True)  # not first-appearance order
+    vocabulary = ["unused-a", *words[: len(words) // 2], "unused-b", *words[len(words) // 2 :]]
+    at = {t: i for i, t in enumerate(vocabulary)}
+    blobs = [array("i", [at[t] for t in ts]).tobytes() for ts in own]
+    ours = KeywordIndex.from_term_ids(ids, docs, blobs, vocabulary, neighbours)._bm25
+    want = KeywordIndex.from_terms(ids, docs, own, neighbours)._bm25
+    assert ours.vocab_dict == want.vocab_dict and "unused-a" not in ours.vocab_dict
+    for key in ("data", "indices", "indptr"):
+        assert ours.scores[key].dtype == want.scores[key].dtype
+        assert np.array_equal(ours.scores[key], want.scores[key]), key
+    assert ours.scores["num_docs"] == want.scores["num_docs"]
+    # no terms at all
+    empty = KeywordIndex.from_term_ids(["c0", "c1"], ["d", "d"], [b"", b""], vocabulary, 1)
+    assert empty.search("anything at all", 5) == []

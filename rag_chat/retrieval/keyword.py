@@ -114,6 +114,43 @@ class KeywordIndex:
             bm25.nonoccurrence_array = None
         return cls(list(ids), bm25)
 
+    @classmethod
+    def from_term_ids(
+        cls,
+        ids: Sequence[str],
+        doc_keys: Sequence[str],
+        term_ids: Sequence[bytes],
+        vocabulary: Sequence[str],
+        neighbours: int,
+    ) -> KeywordIndex:
+        """``from_terms`` from each chunk's terms kept as ids into ``vocabulary`` (the ingest
+        manifest's: C ints, ``array("i")``), splitting and looking up no strings. Its columns
+        follow the terms' first appearance, as ``from_terms`` orders them: the same index, bit
+        for bit (tests/test_keyword.py)."""
+        import bm25s
+        import numpy as np
+
+        bm25 = bm25s.BM25()
+        if ids:
+            width = np.dtype(np.intc).itemsize
+            lengths = np.fromiter((len(b) // width for b in term_ids), np.int64, len(term_ids))
+            flat = np.frombuffer(b"".join(term_ids), dtype=np.intc)
+            if flat.size:
+                used, first = np.unique(flat, return_index=True)
+                columns = used[np.argsort(first, kind="stable")]  # by first appearance
+                remap = np.empty(int(used[-1]) + 1, dtype=np.int32)
+                remap[columns] = np.arange(len(columns), dtype=np.int32)
+                flat = remap[flat]
+                vocab = {vocabulary[t]: i for i, t in enumerate(columns.tolist())}
+            else:
+                flat, vocab = flat.astype(np.int32), {}
+            bm25.scores, bm25.vocab_dict = _bm25_from_ids(
+                doc_keys, flat, lengths, vocab, neighbours, k1=bm25.k1, b=bm25.b
+            )
+            bm25.unique_token_ids_set = set(bm25.vocab_dict.values())
+            bm25.nonoccurrence_array = None
+        return cls(list(ids), bm25)
+
     def save(self, folder: Path) -> None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.with_name(folder.name + ".tmp")
@@ -182,18 +219,35 @@ def _bm25_scores(
     diagonal (an entry's own terms count twice) and 1 for each neighbour of the same document
     within ``neighbours`` places; C alone when ``neighbours`` is 0."""
     import numpy as np
-    import scipy.sparse as sp
 
-    n = len(own_terms)
-    lengths = np.fromiter(map(len, own_terms), dtype=np.int64, count=n)
+    lengths = np.fromiter(map(len, own_terms), dtype=np.int64, count=len(own_terms))
     flat = list(itertools.chain.from_iterable(own_terms))
     vocab = {term: i for i, term in enumerate(dict.fromkeys(flat))}
-    n_vocab = len(vocab)
     term_ids = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int32, count=len(flat))
+    return _bm25_from_ids(doc_keys, term_ids, lengths, vocab, neighbours, k1=k1, b=b)
+
+
+def _bm25_from_ids(
+    doc_keys: Sequence[str],
+    term_ids: Any,
+    lengths: Any,
+    vocab: dict[str, int],
+    neighbours: int,
+    *,
+    k1: float,
+    b: float,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """``_bm25_scores`` from the chunks' terms as columns (``term_ids``: every chunk's in a
+    row, int32, ``lengths`` per chunk) and ``vocab`` (term → column)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    n = len(lengths)
+    n_vocab = len(vocab)
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     counts = sp.csr_matrix(
-        (np.ones(len(flat), dtype=np.int32), term_ids, starts), shape=(n, n_vocab)
+        (np.ones(len(term_ids), dtype=np.int32), term_ids, starts), shape=(n, n_vocab)
     )
     counts.sum_duplicates()  # a (chunk, term) pair once, with its count
     if neighbours > 0:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from array import array
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ingest.manifest import Manifest
+from ingest.manifest import ChunkRow, Manifest
 from ingest.pipeline import Pipeline
 from rag_chat.retrieval.embedder import Embedder
+from rag_chat.retrieval.keyword import KeywordIndex
 from rag_chat.retrieval.search import Retriever
 from rag_chat.retrieval.store import ChunkTexts, VectorStore
 from rag_chat.settings import Settings
@@ -352,6 +355,78 @@ def test_a_deferred_keyword_rebuild_is_marked_and_done_once(
     r = pipeline(settings, counting).run([docs_dir])
     assert r.ok and r.chunks_added == 0 and r.keyword_seconds > 0
     assert not stale() and keyword("wombat") == ["notes.md"]
+
+
+def test_terms_are_kept_as_lasting_ids_and_an_older_manifest_gets_them_at_its_rebuild(
+    settings: Settings, docs_dir: Path, counting: CountingEmbedder
+) -> None:
+    """The keyword index is rebuilt from each chunk's terms as ids into the manifest's
+    vocabulary (no strings split); ids last across runs; a manifest from before them gets
+    them at its next rebuild, and the index is the one its terms give."""
+    (docs_dir / "guide.md").write_text(GUIDE)
+    p = pipeline(settings, counting)
+    assert p.run([docs_dir]).ok
+    path = settings.collection_dir() / "manifest.sqlite3"
+
+    def stored() -> tuple[list[str], list[tuple[str, str, str, bytes | None]]]:
+        m = Manifest(path)
+        try:
+            return m.vocab_terms(), list(m.iter_terms())
+        finally:
+            m.close()
+
+    def as_terms(blob: bytes, vocab: list[str]) -> list[str]:
+        ids = array("i")
+        ids.frombytes(blob)
+        return [vocab[i] for i in ids]
+
+    vocab, rows = stored()
+    assert rows and all(b is not None and as_terms(b, vocab) == t.split() for _, _, t, b in rows)
+    (docs_dir / "faq.md").write_text(FAQ)
+    assert p.run([docs_dir]).ok
+    vocab2, rows2 = stored()
+    assert vocab2[: len(vocab)] == vocab and len(vocab2) > len(vocab)  # only new terms added
+    assert all(as_terms(b, vocab2) == t.split() for _, _, t, b in rows2 if b is not None)
+
+    m = Manifest(path)
+    try:  # an older manifest: no term ids, no vocabulary
+        m.db.execute("UPDATE chunks SET term_ids=NULL")
+        m.db.execute("DELETE FROM vocab")
+    finally:
+        m.close()
+    m = Manifest(path)
+    try:
+        p.rebuild_keyword_index(m)
+    finally:
+        m.close()
+    vocab3, rows3 = stored()
+    assert all(b is not None and as_terms(b, vocab3) == t.split() for _, _, t, b in rows3)
+    want = KeywordIndex.from_terms(
+        [r[0] for r in rows3], [r[1] for r in rows3], [r[2].split() for r in rows3], 1
+    )
+    got = KeywordIndex.load(settings.collection_dir() / "bm25")
+    assert got.ids == want.ids
+    for q in ("default Redis URL", "embedding model dimensions", "port 8000"):
+        assert got.search(q, 5) == want.search(q, 5) != []
+
+
+def test_terms_of_a_rolled_back_commit_reach_the_vocabulary_with_the_next(tmp_path: Path) -> None:
+    m = Manifest(tmp_path / "manifest.sqlite3")
+    try:
+        first = m.encode_terms(["alpha", "beta", "alpha"])
+        bad = ChunkRow(["not", "an", "id"], 0, "alpha beta alpha", term_ids=first)  # type: ignore[arg-type]
+        with pytest.raises(sqlite3.Error):
+            m.commit_docs([("d1", "p", "d1", "sha", [bad])])
+        again = m.encode_terms(["gamma", "beta"])
+        m.commit_docs([("d2", "p", "d2", "sha", [ChunkRow("c", 0, "gamma beta", term_ids=again)])])
+    finally:
+        m.close()
+    m = Manifest(tmp_path / "manifest.sqlite3")
+    try:
+        assert m.vocab_terms() == ["alpha", "beta", "gamma"]
+        assert [r[3] for r in m.iter_terms()] == [again]
+    finally:
+        m.close()
 
 
 def _set_documents(
