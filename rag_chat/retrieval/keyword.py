@@ -1,8 +1,8 @@
 """BM25 keyword index (bm25s over Snowball-stemmed terms), stored beside the vector index.
 
-Ingest keeps each chunk's terms in its manifest and rebuilds this index at the end of a run
-that changed anything; the chat side only loads it. A rebuild from stored terms costs no
-parsing and no tokenising. The index is written to a fresh folder and swapped in with a rename,
+Ingest keeps each chunk's terms in its manifest (as ids into its vocabulary of terms too) and
+rebuilds this index at the end of a run that changed anything; the chat side only loads it. A
+rebuild from stored term ids costs no parsing, no tokenising and no string handling. The index is written to a fresh folder and swapped in with a rename,
 so a reader never sees half an index.
 """
 
