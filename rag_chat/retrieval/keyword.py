@@ -2,8 +2,8 @@
 
 Ingest keeps each chunk's terms in its manifest (as ids into its vocabulary of terms too) and
 rebuilds this index at the end of a run that changed anything; the chat side only loads it. A
-rebuild from stored term ids costs no parsing, no tokenising and no string handling. The index is written to a fresh folder and swapped in with a rename,
-so a reader never sees half an index.
+rebuild from stored term ids costs no parsing, no tokenising and no string handling. The index
+is written to a fresh folder and swapped in with a rename, so a reader never sees half an index.
 """
 
 from __future__ import annotations
