@@ -121,6 +121,11 @@ class Job:
         return cls(**raw)
 
 
+def _place(files: list[tuple[Path, Path]]) -> None:
+    for saved, target in files:
+        saved.replace(target)
+
+
 class JobStore(Protocol):
     async def put(self, job: Job) -> None: ...
 
@@ -232,15 +237,27 @@ class Uploads:
     def folder(self, owner: str) -> Path:
         return self.root / owner_dir(owner)
 
-    async def submit(self, owner: str, files: list[tuple[str, Path]]) -> Job:
-        """Queue already-saved files (name shown, path on disk) for ingest."""
-        job = Job(uuid.uuid4().hex, owner, [FileState(name) for name, _ in files])
+    async def submit(self, owner: str, files: list[tuple[str, Path, Path]]) -> Job:
+        """Queue saved files (name shown, where it was saved, where it goes) for ingest.
+
+        Each file waits under a hidden name until the job is in Redis: if Redis is down the
+        upload is refused and a file of the same name uploaded before is left as it was."""
+        job = Job(uuid.uuid4().hex, owner, [FileState(name) for name, _, _ in files])
         await self.store.touch([job.job_id], ALIVE_TTL_S)
         await self.store.put(job)
+        try:
+            await asyncio.to_thread(_place, [(saved, target) for _, saved, target in files])
+        except OSError as exc:
+            job.state, job.message = "failed", f"the upload could not be stored: {exc}"
+            for f in job.files:
+                f.state, f.error = "failed", "not stored; upload the file again"
+            with contextlib.suppress(RagChatError):
+                await self.store.put(job)
+            raise
         self._held.add(job.job_id)
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self._beat(), name="upload-heartbeat")
-        self._queue.put_nowait((job, [p for _, p in files]))
+        self._queue.put_nowait((job, [target for _, _, target in files]))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="upload-jobs")
         return job

@@ -4,6 +4,7 @@ how their ingest is going. See rag_chat.uploads."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,10 +40,10 @@ class UploadOut(BaseModel):
     files: list[str]
 
 
-def _save(upload: UploadFile, target: Path, limit: int) -> None:
-    """Copy in blocks, stopping at the limit (the declared size can lie)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part")
+def _save(upload: UploadFile, tmp: Path, limit: int) -> None:
+    """Copy in blocks, stopping at the limit (the declared size can lie), to a hidden name
+    that ``Uploads.submit`` renames once the job is registered."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with tmp.open("wb") as out:
         upload.file.seek(0)
@@ -53,7 +54,6 @@ def _save(upload: UploadFile, target: Path, limit: int) -> None:
                 tmp.unlink(missing_ok=True)
                 raise TooLarge(f"{upload.filename!r} is over the limit of {limit:,} bytes")
             out.write(block)
-    tmp.replace(target)
 
 
 @router.post("", status_code=202, response_model=UploadOut)
@@ -77,17 +77,18 @@ async def upload_documents(
             raise BadRequest(f"{name!r} is twice in this upload")
         names.append(name)
     folder = uploads.folder(who.owner)
-    saved: list[tuple[str, Path]] = []
+    # nothing is kept unless everything is: every file saved, and the job registered in Redis
+    saved: list[tuple[str, Path, Path]] = []
     try:
         for f, name in zip(files, names, strict=True):
-            target = folder / name
-            await asyncio.to_thread(_save, f, target, settings.upload_max_bytes)
-            saved.append((name, target))
+            tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.part"
+            saved.append((name, tmp, folder / name))
+            await asyncio.to_thread(_save, f, tmp, settings.upload_max_bytes)
+        job = await uploads.submit(who.owner, saved)
     except BaseException:
-        for _, path in saved:
-            await asyncio.to_thread(path.unlink, True)
+        for _, tmp, _ in saved:
+            await asyncio.to_thread(tmp.unlink, True)
         raise
-    job = await uploads.submit(who.owner, saved)
     return UploadOut(job_id=job.job_id, files=names)
 
 

@@ -18,6 +18,7 @@ from rag_chat.auth import Authenticator
 from rag_chat.llm.fake import FakeLLM
 from rag_chat.settings import Settings
 from rag_chat.uploads import FileState, Job, RedisJobStore, owner_dir, safe_name
+from tests.memory import RedisServer
 
 FACT = "The zebrafish telemetry relay listens on port 47123 and rotates its keys hourly."
 
@@ -220,3 +221,46 @@ def test_a_job_whose_server_stopped_is_reported_failed_and_a_waiting_one_stays_a
         finally:
             lock.release()
         assert wait_job(client, job_id)["state"] == "done"
+
+
+def test_an_upload_refused_while_redis_is_down_keeps_nothing_and_changes_nothing(
+    make_app: Any, server_settings: Settings, tmp_path: Path
+) -> None:
+    """A job is registered in Redis before its files take their place: with Redis down the
+    upload gets a one-line 503, no file is left behind and an earlier upload of the same name
+    keeps its content; once Redis is back the same upload goes through."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    settings = server_settings.model_copy(
+        update={"data_dir": tmp_path / "state", "redis_url": redis.url}
+    )
+    folder = settings.data_dir / "uploads" / owner_dir("local")
+
+    def notes(version: str) -> tuple[str, tuple[str, str, str]]:
+        return ("files", ("notes.md", f"# Notes\n\nThe {version} of the notes.", "text/markdown"))
+
+    try:
+        with TestClient(make_app(FakeLLM(), settings)) as client:
+            r = client.post("/api/documents", files=[notes("first version")])
+            assert r.status_code == 202, r.text
+            assert wait_job(client, r.json()["job_id"])["state"] == "done"
+
+            redis.kill()
+            extra = ("files", ("more.md", "# More\n\nAnother page.", "text/markdown"))
+            r = client.post("/api/documents", files=[notes("second version"), extra])
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["code"] == "memory_unavailable" and "Redis" in error["message"], error
+            assert "\n" not in error["message"]
+            assert sorted(p.name for p in folder.iterdir()) == ["notes.md"]  # no parts left
+            assert "first version" in (folder / "notes.md").read_text()
+            assert client.get("/healthz").status_code == 200
+
+            redis.start()
+            r = client.post("/api/documents", files=[notes("second version"), extra])
+            assert r.status_code == 202, r.text
+            assert wait_job(client, r.json()["job_id"])["state"] == "done"
+            assert sorted(p.name for p in folder.iterdir()) == ["more.md", "notes.md"]
+            assert "second version" in (folder / "notes.md").read_text()
+    finally:
+        redis.stop()
