@@ -41,6 +41,8 @@ from rag_chat.settings import Settings
 # Chunks gathered before one embedding call: big enough that sorting by length inside
 # sentence-transformers keeps padding low, small enough to keep memory flat.
 FLUSH_CHUNKS = 2048
+# documents of one file chunked together: their paragraphs tokenised in one batch
+CHUNK_GROUP_DOCS = 256
 CHUNK_PARAMS_VERSION = "1"
 # manifest meta: a run with keyword=False changed chunks the keyword index does not have yet
 _KEYWORD_STALE = "keyword_stale"
@@ -380,7 +382,12 @@ class Pipeline:
                 report.files_failed += 1
                 report.fail(shown, str(exc))
                 continue
-            n = sum(len(self.chunker.chunk(d, self._doc_key(key, d, len(docs)))) for d in docs)
+            keyed = [(d, self._doc_key(key, d, len(docs))) for d in docs]
+            n = sum(
+                len(chunks)
+                for i in range(0, len(keyed), CHUNK_GROUP_DOCS)
+                for chunks in self.chunker.chunk_many(keyed[i : i + CHUNK_GROUP_DOCS])
+            )
             report.chunks_added += n
             if had_docs:
                 report.files_updated += 1
@@ -501,29 +508,33 @@ class Pipeline:
             report.fail(shown, f"... and {len(record_errors) - 5} more bad records")
         touched = False
         seen: set[str] = set()
+        changed: list[tuple[Document, str, str]] = []
         for doc in docs:
             doc_key = self._doc_key(key, doc, len(docs))
             seen.add(doc_key)
             sha = self._doc_hash(doc)
-            if old_docs.get(doc_key) == sha:
-                continue
-            touched = True
-            chunks = self.chunker.chunk(doc, doc_key)
-            old = manifest.chunks_of(doc_key)
-            new_ids = {c.id for c in chunks}
-            work = _DocWork(
-                doc_key,
-                key,
-                doc,
-                sha,
-                shown,
-                chunks,
-                new=[c for c in chunks if c.id not in old],
-                kept=[c for c in chunks if c.id in old],
-                stale=[cid for cid in old if cid not in new_ids],
-            )
-            batches.add(work)
-            report.docs_changed += 1
+            if old_docs.get(doc_key) != sha:
+                changed.append((doc, doc_key, sha))
+        for start in range(0, len(changed), CHUNK_GROUP_DOCS):
+            group = changed[start : start + CHUNK_GROUP_DOCS]
+            chunked = self.chunker.chunk_many([(doc, doc_key) for doc, doc_key, _ in group])
+            for (doc, doc_key, sha), chunks in zip(group, chunked, strict=True):
+                touched = True
+                old = manifest.chunks_of(doc_key)
+                new_ids = {c.id for c in chunks}
+                work = _DocWork(
+                    doc_key,
+                    key,
+                    doc,
+                    sha,
+                    shown,
+                    chunks,
+                    new=[c for c in chunks if c.id not in old],
+                    kept=[c for c in chunks if c.id in old],
+                    stale=[cid for cid in old if cid not in new_ids],
+                )
+                batches.add(work)
+                report.docs_changed += 1
         for doc_key in old_docs.keys() - seen:
             touched = True
             batches.current.removed_docs.append(doc_key)

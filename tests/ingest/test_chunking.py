@@ -155,6 +155,49 @@ def test_composed_ids_are_what_the_tokenizer_gives(tok: HFTokenizer) -> None:
         assert [(c.id, c.token_ids) for c in chunks] == [(c.id, c.token_ids) for c in slow]
 
 
+def test_chunk_many_gives_chunks_one_by_one_would_in_one_tokenizer_call(
+    tok: HFTokenizer,
+) -> None:
+    """Several documents' paragraphs and context prefixes go to the tokenizer in one batch
+    (a paragraph two documents share, once), none of them is tokenised again, and the chunks
+    are exactly those of ``chunk``."""
+    batches: list[list[str]] = []
+    singles: list[str] = []
+
+    class Counting(HFTokenizer):
+        def encode_many(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+            batches.append(list(texts))
+            return super().encode_many(texts)
+
+        def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+            singles.append(text)
+            return super().encode(text)
+
+    counting = Counting(Embedder().tokenizer_path)
+    run_on = " ".join(["tokenisation-unbelievablenesses Überzeugungsarbeit"] * 90)
+    shared = "A paragraph both documents have, word for word."
+    docs = [
+        (doc(Section("\n\n".join([*HARD_TEXT, shared]), ("Guide", "Café"))), "a"),
+        (doc(Section(" ".join(HARD_TEXT * 8 + [run_on]), ("中文",)), title="Téstdoc"), "b"),
+        (doc(Section(f"{shared}\n\n" + "x" * 3000), title=""), "c"),
+        (doc(), "empty"),
+    ]
+    for size, overlap in ((256, 32), (64, 16)):
+        batches.clear()
+        singles.clear()
+        many = Chunker(counting, size, overlap).chunk_many(docs)
+        one_by_one = [Chunker(tok, size, overlap).chunk(d, k) for d, k in docs]
+        assert [[(c.id, c.text, c.token_ids) for c in cs] for cs in many] == [
+            [(c.id, c.text, c.token_ids) for c in cs] for cs in one_by_one
+        ]
+        assert sum(map(len, many)) > 10
+        assert len(batches) == 1 and batches[0].count(shared) == 1, batches
+        assert set(HARD_TEXT) <= set(batches[0]) and "Guide\nCafé" in batches[0]
+        # besides the batch: only the pieces a hard split cut (re-tokenised at their edges)
+        assert not set(singles) & set(batches[0]), singles
+    assert Chunker(counting, 256, 32).chunk_many([]) == []
+
+
 def test_overlap_between_consecutive_pieces(tok: HFTokenizer) -> None:
     text = " ".join(f"Fact {i} is here." for i in range(200))
     chunks = Chunker(tok, 64, 16).chunk(doc(Section(text)), "k")
