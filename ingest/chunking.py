@@ -128,6 +128,9 @@ class Chunk:
 
 _Unit = tuple[str, int, str, list[int] | None]  # text, tokens, joiner before it, ids (or None)
 
+# chunk_many tokenises the sections ahead in batches of about this much text
+PRIME_CHARS = 200_000
+
 _SENTENCE = re.compile(r"(?<=[.!?。])\s+(?=\S)")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 
@@ -147,27 +150,47 @@ class Chunker:
         self.overlap = overlap
         self.special = special_tokens
         # paragraph or context prefix -> (ids, offsets), tokenised ahead by chunk_many
+        # chunk_many: every (title, section) of its documents in order, the next one to
+        # chunk, the first not tokenised yet, and the tokens of the window tokenised ahead
+        # (paragraph or context prefix -> ids, offsets)
+        self._queue: list[tuple[str, Section]] = []
+        self._at = self._next = 0
         self._primed: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
 
     def chunk_many(self, docs: Sequence[tuple[Document, str]]) -> list[list[Chunk]]:
-        """``chunk`` of each (document, key), the same chunks, with the paragraphs and context
-        prefixes of them all tokenised in one batch (where the tokenizer can: ``encode_many``)
-        rather than one call each: half of chunking's time on two cores."""
-        many = getattr(self.tok, "encode_many", None)
-        if many is not None:
-            texts: dict[str, None] = {}
-            for doc, _ in docs:
-                for section in doc.sections:
-                    if prefix := self._prefix(doc.title, section):
-                        texts[prefix] = None
-                    for para in _PARAGRAPH.split(section.text):
-                        if para := para.strip():
-                            texts[para] = None
-            self._primed = dict(zip(texts, many(list(texts)), strict=True))
+        """``chunk`` of each (document, key), the same chunks, with paragraphs and context
+        prefixes tokenised in batches (where the tokenizer can: ``encode_many``) rather than
+        one call each: 40% of chunking's time on two cores. A batch is the sections ahead,
+        across documents, up to ``PRIME_CHARS`` of text (at least one section): memory stays
+        flat however large a document is."""
+        if getattr(self.tok, "encode_many", None) is not None:
+            self._queue = [(doc.title, s) for doc, _ in docs for s in doc.sections]
         try:
             return [self.chunk(doc, key) for doc, key in docs]
         finally:
-            self._primed = {}
+            self._queue, self._primed = [], {}
+            self._at = self._next = 0
+
+    def _prime(self) -> None:
+        """Before chunking the section at ``_at`` of chunk_many's queue: if it is not
+        tokenised yet, tokenise the window of sections from it in one batch."""
+        if self._at >= len(self._queue) or self._at < self._next:
+            return
+        texts: dict[str, None] = {}
+        size = 0
+        end = self._at
+        while end < len(self._queue) and (end == self._at or size < PRIME_CHARS):
+            title, section = self._queue[end]
+            if prefix := self._prefix(title, section):
+                texts[prefix] = None
+            for para in _PARAGRAPH.split(section.text):
+                if para := para.strip():
+                    texts[para] = None
+            size += len(section.text)
+            end += 1
+        encoded = self.tok.encode_many(list(texts))  # type: ignore[attr-defined]
+        self._primed = dict(zip(texts, encoded, strict=True))
+        self._next = end
 
     def chunk(self, doc: Document, doc_key: str) -> list[Chunk]:
         key_hash = hashlib.sha1(doc_key.encode()).hexdigest()[:12]
@@ -176,6 +199,9 @@ class Chunker:
         ids_of = getattr(self.tok, "ids", None)
         compose = self._composable
         for section in doc.sections:
+            if self._queue:
+                self._prime()
+                self._at += 1
             prefix = self._prefix(doc.title, section)
             prefix_n, prefix_ids = self._count(prefix) if prefix else (0, [])
             budget = self.max_tokens - self.special - prefix_n

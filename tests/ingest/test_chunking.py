@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from ingest import chunking
 from ingest.chunking import Chunker, HFTokenizer
 from ingest.loaders import Document, Section
 from rag_chat.retrieval.embedder import Embedder
@@ -156,7 +157,7 @@ def test_composed_ids_are_what_the_tokenizer_gives(tok: HFTokenizer) -> None:
 
 
 def test_chunk_many_gives_chunks_one_by_one_would_in_one_tokenizer_call(
-    tok: HFTokenizer,
+    tok: HFTokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Several documents' paragraphs and context prefixes go to the tokenizer in one batch
     (a paragraph two documents share, once), none of them is tokenised again, and the chunks
@@ -196,6 +197,20 @@ def test_chunk_many_gives_chunks_one_by_one_would_in_one_tokenizer_call(
         # besides the batch: only the pieces a hard split cut (re-tokenised at their edges)
         assert not set(singles) & set(batches[0]), singles
     assert Chunker(counting, 256, 32).chunk_many([]) == []
+
+    # a small window: a batch per section (at least one each), the same chunks, and a
+    # window's tokens are not kept past it
+    monkeypatch.setattr(chunking, "PRIME_CHARS", 1)
+    batches.clear()
+    singles.clear()
+    chunker = Chunker(counting, 256, 32)
+    many = chunker.chunk_many(docs)
+    assert [[c.id for c in cs] for cs in many] == [
+        [c.id for c in Chunker(tok, 256, 32).chunk(d, k)] for d, k in docs
+    ]
+    assert [shared in b for b in batches] == [True, False, True], batches
+    assert not set(singles) & {t for b in batches for t in b}, singles
+    assert chunker._primed == {} and chunker._queue == []
 
 
 def test_overlap_between_consecutive_pieces(tok: HFTokenizer) -> None:
