@@ -96,6 +96,7 @@ class Job:
     state: str = "queued"  # queued, running, done, failed
     message: str | None = None
     created_at: float = field(default_factory=time.time)
+    kind: str = "upload"  # or "remove": its file is taken out of the folder and the index
 
     @property
     def done(self) -> int:
@@ -104,6 +105,7 @@ class Job:
     def view(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
+            "kind": self.kind,
             "state": self.state,
             "total": len(self.files),
             "done": self.done,
@@ -254,12 +256,73 @@ class Uploads:
             with contextlib.suppress(RagChatError):
                 await self.store.put(job)
             raise
+        self._enqueue(job, [target for _, _, target in files])
+        return job
+
+    def _enqueue(self, job: Job, paths: list[Path]) -> None:
         self._held.add(job.job_id)
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self._beat(), name="upload-heartbeat")
-        self._queue.put_nowait((job, [target for _, _, target in files]))
+        self._queue.put_nowait((job, paths))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="upload-jobs")
+
+    async def documents(self, owner: str) -> list[dict[str, Any]]:
+        """The caller's uploaded files: name, size, when, and how many chunks of each are in
+        the index (None: not ingested, or not yet)."""
+        return await asyncio.to_thread(self._documents, self.folder(owner))
+
+    def _documents(self, folder: Path) -> list[dict[str, Any]]:
+        import sqlite3
+
+        if not folder.is_dir():
+            return []
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+        counts: dict[str, int] = {}
+        manifest = self.settings.collection_dir(self.settings.collection) / "manifest.sqlite3"
+        if files and manifest.is_file():
+            db = sqlite3.connect(f"{manifest.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                keys = [str(p.resolve()) for p in files]
+                marks = ",".join("?" * len(keys))
+                counts = dict(
+                    db.execute(
+                        "SELECT d.path, COUNT(c.id) FROM docs d LEFT JOIN chunks c "
+                        f"ON c.doc_key = d.doc_key WHERE d.path IN ({marks}) GROUP BY d.path",
+                        keys,
+                    ).fetchall()
+                )
+            except sqlite3.Error as exc:  # an index being created: nothing to count yet
+                log.warning("upload listing could not read the manifest: %s", exc)
+            finally:
+                db.close()
+        out = []
+        for path in files:
+            st = path.stat()
+            out.append(
+                {
+                    "name": path.name,
+                    "bytes": st.st_size,
+                    "modified": st.st_mtime,
+                    "chunks": counts.get(str(path.resolve())),
+                }
+            )
+        return out
+
+    async def remove(self, owner: str, name: str) -> Job:
+        """Queue the removal of one of the caller's files: from the folder, then (a job, in
+        turn with uploads, under the ingest lock) its chunks from the index."""
+        folder = self.folder(owner)
+        try:
+            usable = safe_name(name) == name  # an upload's name is stored as safe_name gave it
+        except BadRequest:
+            usable = False
+        if not usable or not (folder / name).is_file():
+            raise NotFound(f"no uploaded document {name[:120]!r}")
+        job = Job(uuid.uuid4().hex, owner, [FileState(name)], kind="remove")
+        await self.store.touch([job.job_id], ALIVE_TTL_S)
+        await self.store.put(job)
+        self._enqueue(job, [folder / name])
         return job
 
     async def job(self, owner: str, job_id: str) -> Job:
@@ -332,7 +395,10 @@ class Uploads:
         while not self._queue.empty():
             job, paths = self._queue.get_nowait()
             try:
-                await self._ingest(job, paths)
+                if job.kind == "remove":
+                    await self._remove(job, paths[0])
+                else:
+                    await self._ingest(job, paths)
             except Exception as exc:  # a job must never kill the runner
                 log.exception("upload job %s failed", job.job_id)
                 job.state, job.message = "failed", f"ingest failed: {exc}"
@@ -393,6 +459,30 @@ class Uploads:
             if failed
             else f"{len(job.files)} file{'s' * (len(job.files) != 1)} ingested"
         )
+        await self.store.put(job)
+
+    async def _remove(self, job: Job, path: Path) -> None:
+        """Delete the file, then prune the folder's files that are gone from the index (under
+        the ingest lock: another ingest may be writing), then rebuild the keyword index."""
+        state = job.files[0]
+        job.state = state.state = "running"
+        await self.store.put(job)
+        pipeline = await asyncio.to_thread(self._make_pipeline)
+
+        def remove() -> Any:
+            path.unlink(missing_ok=True)
+            return pipeline.run([path.parent], prune=True, keyword=False)
+
+        report = await self._locked(remove)
+        for shown, msg in report.errors:  # other files of the folder: not this job's doing
+            log.info("upload removal %s: %s: %s", job.job_id, shown, msg)
+        seconds = await self._locked(pipeline.refresh_keyword_index)
+        if seconds is not None:
+            log.info("upload removal %s: keyword index rebuilt in %.2f s", job.job_id, seconds)
+        state.state, state.chunks = "done", report.chunks_deleted
+        job.state = "done"
+        n = report.chunks_deleted
+        job.message = f"{state.name} removed ({n} chunk{'s' * (n != 1)})"
         await self.store.put(job)
 
     async def aclose(self) -> None:

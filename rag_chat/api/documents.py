@@ -28,6 +28,7 @@ class FileOut(BaseModel):
 
 class JobOut(BaseModel):
     job_id: str
+    kind: str = "upload"
     state: str
     total: int
     done: int
@@ -38,6 +39,17 @@ class JobOut(BaseModel):
 class UploadOut(BaseModel):
     job_id: str
     files: list[str]
+
+
+class DocumentOut(BaseModel):
+    name: str
+    bytes: int
+    modified: float  # seconds since the epoch
+    chunks: int | None = None  # in the index; None: not ingested (yet)
+
+
+class DocumentsOut(BaseModel):
+    documents: list[DocumentOut]
 
 
 def _save(upload: UploadFile, tmp: Path, limit: int) -> None:
@@ -90,6 +102,23 @@ async def upload_documents(
             await asyncio.to_thread(tmp.unlink, True)
         raise
     return UploadOut(job_id=job.job_id, files=names)
+
+
+@router.get("", response_model=DocumentsOut)
+async def list_documents(request: Request, who: Caller) -> dict[str, Any]:
+    """The caller's uploaded documents, with how many chunks of each are in the index."""
+    return {"documents": await services_of(request).uploads.documents(who.owner)}
+
+
+@router.delete("/{name}", status_code=202, response_model=UploadOut)
+async def remove_document(
+    request: Request,
+    who: Caller,
+    name: Annotated[str, PathParam(min_length=1, max_length=255)],
+) -> UploadOut:
+    """Take one of the caller's uploads out of the folder and the index; poll the job."""
+    job = await services_of(request).uploads.remove(who.owner, name)
+    return UploadOut(job_id=job.job_id, files=[name])
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

@@ -80,6 +80,38 @@ def test_uploaded_documents_are_ingested_and_answerable(
         job = wait_job(client, r.json()["job_id"])
         assert job["state"] == "done" and len(rebuilds) == 1
 
+        # the uploader's documents, with their chunks in the index
+        listed = client.get("/api/documents").json()["documents"]
+        assert [d["name"] for d in listed] == ["escape.txt", "relay notes.md"]
+        assert all(d["chunks"] >= 1 and d["bytes"] > 0 and d["modified"] > 0 for d in listed)
+
+        # removed: out of the folder, out of dense and keyword search, listed no more
+        r = client.delete("/api/documents/relay notes.md")
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["job_id"])
+        assert job["kind"] == "remove" and job["state"] == "done", job
+        (removed,) = job["files"]
+        assert (removed["name"], removed["state"], removed["chunks"]) == (
+            "relay notes.md",
+            "done",
+            1,
+        )
+        assert job["message"] == "relay notes.md removed (1 chunk)"
+        assert sorted(p.name for p in folder.iterdir()) == ["escape.txt"]
+        for mode in ("dense", "bm25", "hybrid"):
+            hits = client.post(
+                "/api/search", json={"query": "zebrafish relay port", "k": 5, "mode": mode}
+            ).json()["results"]
+            assert not [h for h in hits if FACT in h["text"]], (mode, hits)
+        assert [d["name"] for d in client.get("/api/documents").json()["documents"]] == [
+            "escape.txt"
+        ]
+        for name in ("relay notes.md", "..", "../relay notes.md", "nothing.md"):
+            r = client.delete(f"/api/documents/{name}")
+            assert r.status_code == 404, (name, r.text)
+            assert "\n" not in r.json()["error"]["message"]
+        assert client.get("/healthz").status_code == 200
+
 
 def test_bad_uploads_get_clear_errors_and_nothing_is_kept(
     make_app: Any, server_settings: Settings, tmp_path: Path
@@ -137,6 +169,13 @@ def test_upload_jobs_belong_to_their_uploader(
         job_id = r.json()["job_id"]
         assert client.get(f"/api/documents/jobs/{job_id}", headers=bob).status_code == 404
         assert wait_job(client, job_id, headers=alice)["state"] == "done"
+        # each sees, and can remove, only their own documents
+        assert client.get("/api/documents").status_code == 401
+        assert client.delete("/api/documents/a.md").status_code == 401
+        assert client.get("/api/documents", headers=bob).json() == {"documents": []}
+        assert client.delete("/api/documents/a.md", headers=bob).status_code == 404
+        listed = client.get("/api/documents", headers=alice).json()["documents"]
+        assert [d["name"] for d in listed] == ["a.md"]
 
 
 def test_safe_names() -> None:
