@@ -2,6 +2,7 @@ import { useCallback, useEffect, useMemo, useRef, useState, type DragEvent } fro
 import { ApiError, createApi } from "./net/api";
 import { useChat } from "./hooks/useChat";
 import { useTheme } from "./hooks/useTheme";
+import { useDocuments } from "./hooks/useDocuments";
 import { useUploads } from "./hooks/useUploads";
 import { streamingReplies, typingLine, typingUsers, type ChatMessage } from "./state/chat";
 import { createStore } from "./state/storage";
@@ -12,7 +13,7 @@ import { SignIn } from "./ui/SignIn";
 import { SourcePanel } from "./ui/SourcePanel";
 import { StatusIndicator } from "./ui/StatusIndicator";
 import { Timeline } from "./ui/Timeline";
-import { Uploads } from "./ui/Uploads";
+import { Uploads, YourDocuments } from "./ui/Uploads";
 
 type AuthState =
   | { phase: "checking" }
@@ -30,6 +31,9 @@ export function App() {
   const [dragging, setDragging] = useState(false);
   const { theme, toggle } = useTheme(store);
   const uploads = useUploads(api);
+  // the uploads that ended (and the sign-in state): the documents list is read again then
+  const uploadsEnded = uploads.tasks.filter((t) => t.phase === "done" || t.phase === "failed").length;
+  const docs = useDocuments(api, auth.phase === "ready", uploadsEnded);
 
   // --- auth ---
   useEffect(() => {
@@ -270,6 +274,7 @@ export function App() {
           <section aria-labelledby="docs-h">
             <h2 id="docs-h">Documents</h2>
             <Uploads tasks={uploads.tasks} onFiles={uploads.add} onDismiss={uploads.dismiss} />
+            <YourDocuments documents={docs.documents} removing={docs.removing} error={docs.error} onRemove={(n) => void docs.remove(n)} />
           </section>
         </Sidebar>
       </aside>

@@ -362,6 +362,20 @@ export interface UploadAccepted {
   files: string[];
 }
 
+/** One of the caller's uploads (GET /api/documents). */
+export interface UploadedDocument {
+  name: string;
+  bytes: number;
+  /** Seconds since the epoch. */
+  modified: number;
+  /** Chunks in the index; null: not ingested (failed, or still queued). */
+  chunks: number | null;
+}
+
+export interface DocumentList {
+  documents: UploadedDocument[];
+}
+
 export type JobState = "queued" | "running" | "done" | "failed";
 
 export interface JobFile {
@@ -373,6 +387,8 @@ export interface JobFile {
 
 export interface IngestJob {
   job_id: string;
+  /** "remove": the job takes a document out of the index (DELETE /api/documents/{name}). */
+  kind?: "upload" | "remove";
   state: JobState;
   total: number;
   done: number;

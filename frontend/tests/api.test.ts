@@ -53,6 +53,21 @@ describe("api", () => {
     expect(calls[1]!.url).toBe("/api/conversations/c%2F1/messages");
   });
 
+  it("lists the caller's documents and removes one by its name, encoded", async () => {
+    const listed = { documents: [{ name: "relay notes.md", bytes: 80, modified: 1, chunks: 2 }, { name: "bad.pdf", bytes: 9, modified: 2, chunks: null }] };
+    const { f, calls } = fakeFetch({
+      "GET /api/documents": () => json(listed),
+      "DELETE /api/documents/relay%20notes.md": () => json({ job_id: "r1", files: ["relay notes.md"] }, 202),
+      "GET /api/documents/jobs/r1": () => json({ job_id: "r1", kind: "remove", state: "done", total: 1, done: 1, files: [{ name: "relay notes.md", state: "done", chunks: 2 }], message: "relay notes.md removed (2 chunks)" }),
+    });
+    const api = createApi(f);
+    expect(await api.documents()).toEqual(listed);
+    expect(await api.removeDocument("relay notes.md")).toEqual({ job_id: "r1", files: ["relay notes.md"] });
+    expect(calls[1]!.init?.method).toBe("DELETE");
+    expect((await api.job("r1")).kind).toBe("remove");
+    await expect(api.removeDocument("gone.md")).rejects.toMatchObject({ status: 404, code: "not_found" });
+  });
+
   it("a network failure is an ApiError with status 0", async () => {
     const api = createApi(async () => {
       throw new TypeError("Failed to fetch");

@@ -14,6 +14,7 @@ import uuid
 from pathlib import PurePosixPath
 from typing import Any
 
+import httpx
 from playwright.sync_api import FilePayload, expect
 
 from tests.browser.conftest import (
@@ -233,3 +234,13 @@ def test_uploaded_document_is_found_by_the_next_question(ui: UI, chat_server: Ch
     link = chat.ai(0).locator(".sources .source-link").nth(n)
     link.click()
     check_source_panel(chat, answer["sources"][n])
+
+    # listed among the user's documents, and removed from there: out of the list and the index
+    listed = chat.by_id("your-documents").locator("li", has_text=f"{word}.md")
+    expect(listed).to_contain_text(re.compile(r"\d+ chunks?"))
+    listed.get_by_role("button", name=f"Remove {word}.md").click()
+    expect(listed).to_have_count(0, timeout=ANSWER_S * 1000)
+    r = httpx.post(
+        chat_server.url + "/api/search", json={"query": word, "k": 5, "mode": "bm25"}, timeout=30
+    )
+    assert r.status_code == 200 and not [h for h in r.json()["results"] if word in h["text"]]

@@ -5,8 +5,10 @@ import type {
   AuthInfo,
   ConversationList,
   ConversationMessages,
+  DocumentList,
   IngestJob,
   SessionInfo,
+  UploadAccepted,
 } from "../protocol";
 
 export class ApiError extends Error {
@@ -87,6 +89,10 @@ export function createApi(fetchImpl: FetchLike = (i, init) => fetch(i, init), ba
     messages: (id: string) => call<ConversationMessages>("GET", `/api/conversations/${encodeURIComponent(id)}/messages`),
     deleteConversation: (id: string) => call<void>("DELETE", `/api/conversations/${encodeURIComponent(id)}/messages`),
     job: (jobId: string) => call<IngestJob>("GET", `/api/documents/jobs/${encodeURIComponent(jobId)}`),
+    /** The caller's uploads, with their chunks in the index. */
+    documents: () => call<DocumentList>("GET", "/api/documents"),
+    /** Queue the removal of one upload from the folder and the index: poll the job. */
+    removeDocument: (name: string) => call<UploadAccepted>("DELETE", `/api/documents/${encodeURIComponent(name)}`),
   };
 }
 

@@ -1,6 +1,7 @@
 import { useRef } from "react";
 import { jobProgress } from "../net/upload";
 import type { UploadTask } from "../hooks/useUploads";
+import type { UploadedDocument } from "../protocol";
 
 interface Props {
   tasks: UploadTask[];
@@ -65,7 +66,7 @@ export function Uploads({ tasks, onFiles, onDismiss }: Props) {
                   {t.job.files.map((f) => (
                     <li key={f.name} data-state={f.state}>
                       <span className="mono">{f.name}</span>: {f.state}
-                      {typeof f.chunks === "number" ? ` (${f.chunks} chunks)` : ""}
+                      {typeof f.chunks === "number" ? ` (${f.chunks} chunk${f.chunks === 1 ? "" : "s"})` : ""}
                       {f.error ? <span className="error"> — {f.error}</span> : null}
                     </li>
                   ))}
@@ -75,6 +76,52 @@ export function Uploads({ tasks, onFiles, onDismiss }: Props) {
           );
         })}
       </div>
+    </div>
+  );
+}
+
+interface DocumentsProps {
+  documents: UploadedDocument[];
+  removing: ReadonlySet<string>;
+  error: string | null;
+  onRemove: (name: string) => void;
+}
+
+function sizeText(bytes: number): string {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+/** The documents this user added: size, whether they are in the index, and a remove button. */
+export function YourDocuments({ documents, removing, error, onRemove }: DocumentsProps) {
+  if (!documents.length && !error) return null;
+  return (
+    <div className="your-documents">
+      <h3>Your documents</h3>
+      {error && (
+        <p className="error" role="alert">
+          {error}
+        </p>
+      )}
+      <ul data-testid="your-documents">
+        {documents.map((d) => {
+          const busy = removing.has(d.name);
+          return (
+            <li key={d.name} data-name={d.name}>
+              <span className="mono doc-name" title={d.name}>
+                {d.name}
+              </span>
+              <span className="hint">
+                {sizeText(d.bytes)} · {d.chunks === null ? "not indexed" : `${d.chunks} chunk${d.chunks === 1 ? "" : "s"}`}
+              </span>
+              <button type="button" className="icon" disabled={busy} onClick={() => onRemove(d.name)} aria-label={`Remove ${d.name}`} title="Remove from the index">
+                {busy ? "…" : "✕"}
+              </button>
+            </li>
+          );
+        })}
+      </ul>
     </div>
   );
 }
