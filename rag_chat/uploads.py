@@ -355,14 +355,23 @@ class Uploads:
                 log.warning("upload jobs' heartbeat failed: %s", exc)
 
     def start(self) -> None:
-        """At start-up: finish what an upload job cut off by a crash or restart left undone
-        (its files are in the store; the keyword index, rebuilt at a job's end, may lack
-        them): rebuild the index if the manifest marks it stale, before any new job."""
+        """At start-up, before any new job: finish what a job cut off by a crash or restart
+        left undone — a removal's file deleted but its chunks still indexed (pruned now), an
+        upload's files stored but the keyword index, rebuilt at a job's end, lacking them
+        (rebuilt if the manifest marks it stale)."""
         self._runner = asyncio.create_task(self._run(recover=True), name="upload-jobs")
 
     async def _recover(self) -> None:
         from ingest.pipeline import Pipeline
 
+        # a removal cut off between deleting its file and pruning the index
+        for folder in await asyncio.to_thread(self._folders_with_removed_files):
+            pipeline = await asyncio.to_thread(self._make_pipeline)
+            report = await self._locked(pipeline.run, [folder], prune=True, keyword=False)
+            log.info(
+                "uploads removed before a restart: %d chunks out of the index",
+                report.chunks_deleted,
+            )
         if not await asyncio.to_thread(Pipeline.keyword_index_marked_stale, self.settings):
             return
         pipeline = await asyncio.to_thread(self._make_pipeline)
@@ -371,6 +380,22 @@ class Uploads:
             log.info(
                 "keyword index left stale by an earlier upload job: rebuilt in %.2f s", seconds
             )
+
+    def _folders_with_removed_files(self) -> list[Path]:
+        """Upload folders holding a file the manifest lists but the disk no longer has."""
+        import sqlite3
+
+        manifest = self.settings.collection_dir(self.settings.collection) / "manifest.sqlite3"
+        if not manifest.is_file() or not self.root.is_dir():
+            return []
+        root = self.root.resolve()
+        db = sqlite3.connect(f"{manifest.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT path FROM files UNION SELECT path FROM docs").fetchall()
+        finally:
+            db.close()
+        paths = [p for (path,) in rows if (p := Path(path)).is_relative_to(root)]
+        return sorted({p.parent for p in paths if not p.exists() and p.parent.is_dir()})
 
     async def _locked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` in a worker thread, waiting while the CLI or another instance holds the

@@ -214,6 +214,37 @@ def test_a_keyword_index_an_upload_left_stale_is_rebuilt_at_start(
         assert not Pipeline.keyword_index_marked_stale(settings)
 
 
+def test_a_removal_cut_off_after_deleting_its_file_is_finished_at_start(
+    make_app: Any, server_settings: Settings, tmp_path: Path
+) -> None:
+    """A removal deletes its file, then prunes the index: a server stopped in between leaves
+    chunks of a file that is gone. The next start prunes them before any new job."""
+    settings = server_settings.model_copy(update={"data_dir": tmp_path / "state"})
+    files = [
+        ("files", ("relay.md", f"# Relay\n\n{FACT}\n", "text/markdown")),
+        ("files", ("kept.md", "# Kept\n\nThe heron index stays.", "text/markdown")),
+    ]
+
+    def search(client: TestClient, query: str) -> list[str]:
+        r = client.post("/api/search", json={"query": query, "k": 3, "mode": "bm25"})
+        assert r.status_code == 200, r.text
+        return [h["text"] for h in r.json()["results"]]
+
+    with TestClient(make_app(FakeLLM(), settings)) as client:
+        r = client.post("/api/documents", files=files)
+        assert wait_job(client, r.json()["job_id"])["state"] == "done"
+        assert any(FACT in t for t in search(client, "zebrafish relay"))
+    (settings.data_dir / "uploads" / owner_dir("local") / "relay.md").unlink()
+    with TestClient(make_app(FakeLLM(), settings)) as client:
+        deadline = time.monotonic() + 60
+        while any(FACT in t for t in search(client, "zebrafish relay")):
+            assert time.monotonic() < deadline, "the removed file's chunks were not pruned"
+            time.sleep(0.2)
+        assert any("heron" in t for t in search(client, "heron index"))
+        listed = client.get("/api/documents").json()["documents"]
+        assert [(d["name"], d["chunks"]) for d in listed] == [("kept.md", 1)]
+
+
 def test_a_job_whose_server_stopped_is_reported_failed_and_a_waiting_one_stays_alive(
     make_app: Any, server_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
