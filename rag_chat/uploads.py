@@ -389,9 +389,15 @@ class Uploads:
         if not manifest.is_file() or not self.root.is_dir():
             return []
         root = self.root.resolve()
+        # the paths under root/ — a range both tables' path indexes answer ("0" follows "/")
+        low, high = f"{root}/", f"{root}0"
         db = sqlite3.connect(f"{manifest.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            rows = db.execute("SELECT path FROM files UNION SELECT path FROM docs").fetchall()
+            rows = db.execute(
+                "SELECT path FROM files WHERE path >= ?1 AND path < ?2 "
+                "UNION SELECT path FROM docs WHERE path >= ?1 AND path < ?2",
+                (low, high),
+            ).fetchall()
         finally:
             db.close()
         paths = [p for (path,) in rows if (p := Path(path)).is_relative_to(root)]
