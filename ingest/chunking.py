@@ -149,7 +149,6 @@ class Chunker:
         self.max_tokens = max_tokens
         self.overlap = overlap
         self.special = special_tokens
-        # paragraph or context prefix -> (ids, offsets), tokenised ahead by chunk_many
         # chunk_many: every (title, section) of its documents in order, the next one to
         # chunk, the first not tokenised yet, and the tokens of the window tokenised ahead
         # (paragraph or context prefix -> ids, offsets)

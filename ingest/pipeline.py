@@ -41,7 +41,7 @@ from rag_chat.settings import Settings
 # Chunks gathered before one embedding call: big enough that sorting by length inside
 # sentence-transformers keeps padding low, small enough to keep memory flat.
 FLUSH_CHUNKS = 2048
-# documents of one file chunked together: their paragraphs tokenised in one batch
+# documents of one file chunked together (Chunker.chunk_many: paragraphs tokenised in batches)
 CHUNK_GROUP_DOCS = 256
 CHUNK_PARAMS_VERSION = "1"
 # manifest meta: a run with keyword=False changed chunks the keyword index does not have yet

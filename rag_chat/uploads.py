@@ -298,7 +298,10 @@ class Uploads:
                 db.close()
         out = []
         for path in files:
-            st = path.stat()
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # removed meanwhile
+                continue
             out.append(
                 {
                     "name": path.name,
