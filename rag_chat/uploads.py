@@ -435,7 +435,8 @@ class Uploads:
                     await self._ingest(job, paths)
             except Exception as exc:  # a job must never kill the runner
                 log.exception("upload job %s failed", job.job_id)
-                job.state, job.message = "failed", f"ingest failed: {exc}"
+                what = "removal" if job.kind == "remove" else "ingest"
+                job.state, job.message = "failed", f"{what} failed: {exc}"
                 with contextlib.suppress(RagChatError):
                     await self.store.put(job)
             finally:
