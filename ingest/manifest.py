@@ -21,6 +21,7 @@ vector store that the manifest does not list is deleted by the next run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -55,6 +56,20 @@ class ChunkRow:
     text: str | None = None
     meta: str | None = None  # JSON
     term_ids: bytes | None = None  # ``terms`` as vocabulary ids (Manifest.encode_terms)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[sqlite3.Connection | None]:
+    """A read-only connection to the manifest at ``path`` (None while there is none), for
+    readers beside the ingest that writes it (WAL mode: they never wait for it)."""
+    if not path.is_file():
+        yield None
+        return
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 def encode_meta(meta: Mapping[str, str | int | float | bool]) -> str:

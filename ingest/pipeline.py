@@ -35,7 +35,7 @@ from typing import Any
 
 from ingest.chunking import Chunk, Chunker, HFTokenizer
 from ingest.loaders import Document, LoadError, is_supported, load
-from ingest.manifest import ChunkRow, Manifest, encode_meta
+from ingest.manifest import ChunkRow, Manifest, encode_meta, read_only
 from rag_chat.settings import Settings
 
 # Chunks gathered before one embedding call: big enough that sorting by length inside
@@ -245,16 +245,13 @@ class Pipeline:
         upload job cut off before its end): read-only, for a server's start-up check."""
         import sqlite3
 
-        path = settings.collection_dir(collection) / "manifest.sqlite3"
-        if not path.is_file():
-            return False
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            row = db.execute("SELECT 1 FROM meta WHERE key = ?", (_KEYWORD_STALE,)).fetchone()
-        except sqlite3.Error:
-            return False
-        finally:
-            db.close()
+        with read_only(settings.collection_dir(collection) / "manifest.sqlite3") as db:
+            if db is None:
+                return False
+            try:
+                row = db.execute("SELECT 1 FROM meta WHERE key = ?", (_KEYWORD_STALE,)).fetchone()
+            except sqlite3.Error:
+                return False
         return row is not None
 
     def refresh_keyword_index(self) -> float | None:

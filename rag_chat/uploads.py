@@ -239,6 +239,10 @@ class Uploads:
     def folder(self, owner: str) -> Path:
         return self.root / owner_dir(owner)
 
+    @property
+    def _manifest(self) -> Path:
+        return self.settings.collection_dir(self.settings.collection) / "manifest.sqlite3"
+
     async def submit(self, owner: str, files: list[tuple[str, Path, Path]]) -> Job:
         """Queue saved files (name shown, where it was saved, where it goes) for ingest.
 
@@ -275,27 +279,26 @@ class Uploads:
     def _documents(self, folder: Path) -> list[dict[str, Any]]:
         import sqlite3
 
+        from ingest.manifest import read_only
+
         if not folder.is_dir():
             return []
         files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
         counts: dict[str, int] = {}
-        manifest = self.settings.collection_dir(self.settings.collection) / "manifest.sqlite3"
-        if files and manifest.is_file():
-            db = sqlite3.connect(f"{manifest.resolve().as_uri()}?mode=ro", uri=True)
-            try:
+        with read_only(self._manifest) as db:
+            if files and db is not None:
                 keys = [str(p.resolve()) for p in files]
                 marks = ",".join("?" * len(keys))
-                counts = dict(
-                    db.execute(
-                        "SELECT d.path, COUNT(c.id) FROM docs d LEFT JOIN chunks c "
-                        f"ON c.doc_key = d.doc_key WHERE d.path IN ({marks}) GROUP BY d.path",
-                        keys,
-                    ).fetchall()
-                )
-            except sqlite3.Error as exc:  # an index being created: nothing to count yet
-                log.warning("upload listing could not read the manifest: %s", exc)
-            finally:
-                db.close()
+                try:
+                    counts = dict(
+                        db.execute(
+                            "SELECT d.path, COUNT(c.id) FROM docs d LEFT JOIN chunks c "
+                            f"ON c.doc_key = d.doc_key WHERE d.path IN ({marks}) GROUP BY d.path",
+                            keys,
+                        ).fetchall()
+                    )
+                except sqlite3.Error as exc:  # an index being created: nothing to count yet
+                    log.warning("upload listing could not read the manifest: %s", exc)
         out = []
         for path in files:
             try:
@@ -386,23 +389,21 @@ class Uploads:
 
     def _folders_with_removed_files(self) -> list[Path]:
         """Upload folders holding a file the manifest lists but the disk no longer has."""
-        import sqlite3
+        from ingest.manifest import read_only
 
-        manifest = self.settings.collection_dir(self.settings.collection) / "manifest.sqlite3"
-        if not manifest.is_file() or not self.root.is_dir():
+        if not self.root.is_dir():
             return []
         root = self.root.resolve()
         # the paths under root/ — a range both tables' path indexes answer ("0" follows "/")
         low, high = f"{root}/", f"{root}0"
-        db = sqlite3.connect(f"{manifest.resolve().as_uri()}?mode=ro", uri=True)
-        try:
+        with read_only(self._manifest) as db:
+            if db is None:
+                return []
             rows = db.execute(
                 "SELECT path FROM files WHERE path >= ?1 AND path < ?2 "
                 "UNION SELECT path FROM docs WHERE path >= ?1 AND path < ?2",
                 (low, high),
             ).fetchall()
-        finally:
-            db.close()
         paths = [p for (path,) in rows if (p := Path(path)).is_relative_to(root)]
         return sorted({p.parent for p in paths if not p.exists() and p.parent.is_dir()})
 
