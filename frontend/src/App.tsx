@@ -274,7 +274,11 @@ export function App() {
           <section aria-labelledby="docs-h">
             <h2 id="docs-h">Documents</h2>
             <Uploads tasks={uploads.tasks} onFiles={uploads.add} onDismiss={uploads.dismiss} />
-            <YourDocuments documents={docs.documents} removing={docs.removing} error={docs.error} onRemove={(n) => void docs.remove(n)} />
+            <YourDocuments documents={docs.documents} removing={docs.removing} error={docs.error} onRemove={(n) => {
+                // as deleting a conversation: one click must not lose a document
+                if (window.confirm(`Remove “${n}”? The file is deleted from the server and its passages leave the index.`)) void docs.remove(n);
+              }}
+            />
           </section>
         </Sidebar>
       </aside>

@@ -238,8 +238,11 @@ def test_uploaded_document_is_found_by_the_next_question(ui: UI, chat_server: Ch
     # listed among the user's documents, and removed from there: out of the list and the index
     listed = chat.by_id("your-documents").locator("li", has_text=f"{word}.md")
     expect(listed).to_contain_text(re.compile(r"\d+ chunks?"))
+    asked: list[str] = []  # the page's fixture accepts every dialog; this one must come
+    chat.page.on("dialog", lambda d: asked.append(d.message))
     listed.get_by_role("button", name=f"Remove {word}.md").click()
     expect(listed).to_have_count(0, timeout=ANSWER_S * 1000)
+    assert len(asked) == 1 and f"Remove “{word}.md”?" in asked[0], asked
     r = httpx.post(
         chat_server.url + "/api/search", json={"query": word, "k": 5, "mode": "bm25"}, timeout=30
     )
