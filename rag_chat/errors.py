@@ -15,7 +15,9 @@ close codes; ``code`` is the stable string clients see, ``str(exc)`` the one-lin
      │    ├── LLMUnavailable   llm_unavailable      (503)
      │    └── LLMTimeout       llm_timeout          (504)
      ├── RetrievalError        retrieval_error      (500)
-     └── MemoryUnavailable     memory_unavailable   (503)
+     ├── MemoryUnavailable     memory_unavailable   (503)
+     └── StorageError          storage_error        (500)
+          └── StorageFull      insufficient_storage (507)
 """
 
 from __future__ import annotations
@@ -103,3 +105,18 @@ class RetrievalError(RagChatError):
 class MemoryUnavailable(RagChatError):
     code = "memory_unavailable"
     status = 503
+
+
+class StorageError(RagChatError):
+    """A file could not be written (permissions, I/O)."""
+
+    code = "storage_error"
+    status = 500
+
+
+class StorageFull(StorageError):
+    """No room left for a file: the disk or a quota is full, or the file is over a size limit
+    the system sets."""
+
+    code = "insufficient_storage"
+    status = 507

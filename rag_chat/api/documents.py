@@ -4,6 +4,8 @@ how their ingest is going. See rag_chat.uploads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,10 +15,11 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel
 
 from rag_chat.api.deps import Caller, services_of
-from rag_chat.errors import BadRequest, TooLarge
+from rag_chat.errors import BadRequest, StorageError, StorageFull, TooLarge
 
 router = APIRouter(prefix="/api/documents", tags=["documents"])
 CHUNK = 1 << 20
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # the disk, a quota, a file size limit
 
 
 class FileOut(BaseModel):
@@ -55,17 +58,25 @@ class DocumentsOut(BaseModel):
 def _save(upload: UploadFile, tmp: Path, limit: int) -> None:
     """Copy in blocks, stopping at the limit (the declared size can lie), to a hidden name
     that ``Uploads.submit`` renames once the job is registered."""
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     written = 0
-    with tmp.open("wb") as out:
-        upload.file.seek(0)
-        while block := upload.file.read(CHUNK):
-            written += len(block)
-            if written > limit:
-                out.close()
-                tmp.unlink(missing_ok=True)
-                raise TooLarge(f"{upload.filename!r} is over the limit of {limit:,} bytes")
-            out.write(block)
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as out:
+            upload.file.seek(0)
+            while block := upload.file.read(CHUNK):
+                written += len(block)
+                if written > limit:
+                    out.close()
+                    tmp.unlink(missing_ok=True)
+                    raise TooLarge(f"{upload.filename!r} is over the limit of {limit:,} bytes")
+                out.write(block)
+    except OSError as exc:  # the disk is full, the folder unwritable: say so, keep nothing
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        what = exc.strerror or type(exc).__name__
+        if exc.errno in NO_ROOM:
+            raise StorageFull(f"no room to store {upload.filename!r}: {what}") from exc
+        raise StorageError(f"could not store {upload.filename!r}: {what}") from exc
 
 
 @router.post("", status_code=202, response_model=UploadOut)

@@ -4,6 +4,8 @@ and are answerable right after; bad uploads get clear errors and leave nothing b
 from __future__ import annotations
 
 import asyncio
+import resource
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from filelock import FileLock
 
+import rag_chat.api.documents as documents_api
 import rag_chat.uploads as uploads_module
 from ingest.pipeline import Pipeline
 from rag_chat.auth import Authenticator
@@ -334,3 +337,53 @@ def test_an_upload_refused_while_redis_is_down_keeps_nothing_and_changes_nothing
             assert "second version" in (folder / "notes.md").read_text()
     finally:
         redis.stop()
+
+
+def test_an_upload_with_no_room_left_gets_a_clear_error_and_keeps_nothing(
+    make_app: Any, server_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk (here: the process's file-size limit, RLIMIT_FSIZE, a real write failing with
+    EFBIG) cannot hold an upload: a one-line 507, no part file left, an earlier upload of the
+    same name untouched, and the server goes on serving and storing."""
+    settings = server_settings.model_copy(update={"data_dir": tmp_path / "state"})
+    folder = settings.data_dir / "uploads" / owner_dir("local")
+    real_save = documents_api._save
+    room = 1 << 20
+
+    def cramped(upload: Any, tmp: Path, limit: int) -> None:
+        # only while this file is written (the multipart parser's spool file is bigger)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, hard))
+        try:
+            real_save(upload, tmp, limit)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    def notes(text: str) -> tuple[str, tuple[str, bytes, str]]:
+        return ("files", ("notes.md", f"# Notes\n\n{text}\n".encode(), "text/markdown"))
+
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails, not the process
+    try:
+        with TestClient(make_app(FakeLLM(), settings)) as client:
+            r = client.post("/api/documents", files=[notes("The first version.")])
+            assert wait_job(client, r.json()["job_id"])["state"] == "done"
+
+            monkeypatch.setattr(documents_api, "_save", cramped)
+            big = "A long page of notes. " * (room // 10)  # over 2 MiB
+            extra = ("files", ("small.md", b"# Small\n\nFits.", "text/markdown"))
+            r = client.post("/api/documents", files=[extra, notes(big)])
+            assert r.status_code == 507, r.text
+            error = r.json()["error"]
+            assert error["code"] == "insufficient_storage", error
+            assert error["message"] == "no room to store 'notes.md': File too large", error
+            assert sorted(p.name for p in folder.iterdir()) == ["notes.md"]  # no parts left
+            assert "The first version." in (folder / "notes.md").read_text()
+            assert client.get("/healthz").status_code == 200
+
+            r = client.post("/api/documents", files=[extra, notes("The second version.")])
+            assert r.status_code == 202, r.text  # room enough for these
+            assert wait_job(client, r.json()["job_id"])["state"] == "done"
+            assert sorted(p.name for p in folder.iterdir()) == ["notes.md", "small.md"]
+            assert "The second version." in (folder / "notes.md").read_text()
+    finally:
+        signal.signal(signal.SIGXFSZ, old_handler)
