@@ -85,12 +85,49 @@ return 1
 )
 
 
+# a message that asks for an answer: the message counted (as _HIT) and the answer's lease
+# taken (as _ACQUIRE) in one round trip; {wait_ms, 1|0}, no lease taken when over the window
+_HIT_ACQUIRE = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {math.max(1, tonumber(oldest[2]) + tonumber(ARGV[2]) - now), 0}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if not redis.call('ZSCORE', KEYS[2], ARGV[4])
+   and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then
+  return {0, 0}
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return {0, 1}
+"""
+)
+
+
 class LimitStore(Protocol):
     async def hit(self, key: str, limit: int, window_ms: int) -> int:
         """0 when allowed (and counted), else the milliseconds until it would be."""
         ...
 
     async def acquire(self, key: str, member: str, cap: int, ttl_ms: int) -> bool: ...
+
+    async def hit_and_acquire(
+        self,
+        hit_key: str,
+        limit: int,
+        window_ms: int,
+        lease_key: str,
+        member: str,
+        cap: int,
+        ttl_ms: int,
+    ) -> tuple[int, bool]:
+        """``hit``, then (when it was allowed) ``acquire``, at once: (hit's wait, acquired)."""
+        ...
 
     async def refresh(self, key: str, members: list[str], ttl_ms: int) -> None: ...
 
@@ -107,6 +144,7 @@ class RedisLimitStore:
         self.prefix = f"{prefix}limit:"
         self._hit = self._redis.register_script(_HIT)
         self._acquire = self._redis.register_script(_ACQUIRE)
+        self._hit_acquire = self._redis.register_script(_HIT_ACQUIRE)
         self._refresh = self._redis.register_script(_REFRESH)
 
     async def hit(self, key: str, limit: int, window_ms: int) -> int:
@@ -115,6 +153,22 @@ class RedisLimitStore:
 
     async def acquire(self, key: str, member: str, cap: int, ttl_ms: int) -> bool:
         return bool(await self._acquire(keys=[self.prefix + key], args=[member, cap, ttl_ms]))
+
+    async def hit_and_acquire(
+        self,
+        hit_key: str,
+        limit: int,
+        window_ms: int,
+        lease_key: str,
+        member: str,
+        cap: int,
+        ttl_ms: int,
+    ) -> tuple[int, bool]:
+        wait, acquired = await self._hit_acquire(
+            keys=[self.prefix + hit_key, self.prefix + lease_key],
+            args=[limit, window_ms, uuid.uuid4().hex, member, cap, ttl_ms],
+        )
+        return int(wait), bool(acquired)
 
     async def refresh(self, key: str, members: list[str], ttl_ms: int) -> None:
         await self._refresh(keys=[self.prefix + key], args=[ttl_ms, *members])
@@ -151,6 +205,19 @@ class LocalLimitStore:
             return False
         leases[member] = now + ttl_ms
         return True
+
+    async def hit_and_acquire(
+        self,
+        hit_key: str,
+        limit: int,
+        window_ms: int,
+        lease_key: str,
+        member: str,
+        cap: int,
+        ttl_ms: int,
+    ) -> tuple[int, bool]:
+        wait = await self.hit(hit_key, limit, window_ms)
+        return (wait, False) if wait else (0, await self.acquire(lease_key, member, cap, ttl_ms))
 
     async def refresh(self, key: str, members: list[str], ttl_ms: int) -> None:
         now = time.monotonic() * 1000
@@ -211,13 +278,51 @@ class Limits:
             log.warning("rate limit not checked, Redis is not reachable: %s", exc)
             return
         if wait_ms:
-            self._hit("messages")
-            raise RateLimited(
-                f"too many messages: at most {self.messages_per_minute} in "
-                f"{self.window_ms / 1000:g} s; "
-                f"try again in {wait_ms / 1000:.1f} s",
-                wait_ms / 1000,
+            raise self._too_many_messages(wait_ms)
+
+    async def ask(self, who: str, reply: str) -> None:
+        """A message that asks for an answer: counted as :meth:`message` does and the
+        answer's lease taken as :meth:`reply_started` does, in one round trip to Redis (one
+        wait less before the first token). :class:`RateLimited` takes no lease."""
+        if self.messages_per_minute <= 0:
+            await self.reply_started(who, reply)
+            return
+        key = f"reply:{who}"
+        try:
+            wait_ms, ok = await self.store.hit_and_acquire(
+                f"msg:{who}",
+                self.messages_per_minute,
+                self.window_ms,
+                key,
+                reply,
+                self.max_replies,
+                self.lease_ttl_ms,
             )
+        except (RedisError, OSError) as exc:
+            log.warning("limits not checked, Redis is not reachable: %s", exc)
+            wait_ms, ok = 0, True
+        if wait_ms:
+            raise self._too_many_messages(wait_ms)
+        if not ok:
+            raise self._too_many_replies()
+        self.held.setdefault(key, set()).add(reply)
+
+    def _too_many_messages(self, wait_ms: int) -> RateLimited:
+        self._hit("messages")
+        return RateLimited(
+            f"too many messages: at most {self.messages_per_minute} in "
+            f"{self.window_ms / 1000:g} s; "
+            f"try again in {wait_ms / 1000:.1f} s",
+            wait_ms / 1000,
+        )
+
+    def _too_many_replies(self) -> TooManyReplies:
+        self._hit("replies")
+        return TooManyReplies(
+            f"too many answers at once: at most {self.max_replies} per user; "
+            "wait for one to finish or stop it",
+            1.0,
+        )
 
     async def _acquire(self, kind: str, who: str, member: str, cap: int) -> bool:
         key = f"{kind}:{who}"
@@ -261,11 +366,7 @@ class Limits:
 
     async def reply_started(self, who: str, reply: str) -> None:
         if not await self._acquire("reply", who, reply, self.max_replies):
-            raise TooManyReplies(
-                f"too many answers at once: at most {self.max_replies} per user; "
-                "wait for one to finish or stop it",
-                1.0,
-            )
+            raise self._too_many_replies()
 
     async def reply_finished(self, who: str, reply: str) -> None:
         await self._release("reply", who, reply)

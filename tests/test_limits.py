@@ -81,6 +81,35 @@ async def test_connection_and_reply_leases_are_capped_and_released(
     assert b.held == {"conn:user:alice": {"c2", "c3"}, "reply:user:alice": {"r2"}}
 
 
+async def test_a_question_is_counted_and_takes_its_answers_lease_in_one_call(
+    stores: Callable[[], LimitStore],
+) -> None:
+    """``ask`` = ``message`` + ``reply_started`` (one Lua script on Redis): both limits hold,
+    across instances, and a message over the window takes no lease."""
+    a = Limits(stores(), messages_per_minute=3, max_replies=1, window_s=1.0)
+    b = Limits(stores(), messages_per_minute=3, max_replies=1, window_s=1.0)
+    await a.ask("user:alice", "r1")
+    with pytest.raises(TooManyReplies):
+        await b.ask("user:alice", "r2")  # counted as a message, but r1 is still answering
+    assert b.held == {}
+    await a.reply_finished("user:alice", "r1")
+    await b.ask("user:alice", "r2")
+    assert b.held == {"reply:user:alice": {"r2"}}
+    await b.reply_finished("user:alice", "r2")
+    with pytest.raises(RateLimited) as info:
+        await a.ask("user:alice", "r3")  # the 4th message in the window: r3 takes no lease
+    assert type(info.value) is RateLimited and "at most 3" in str(info.value)
+    assert a.held == {}
+    await b.reply_started("user:alice", "r4")  # r3 holds no slot: the one slot is free
+    await a.message("user:bob")  # someone else's budget is untouched
+    assert (a.hits, b.hits) == (1, 1)
+    assert a.on_hit is None
+
+    unlimited = Limits(stores(), messages_per_minute=0, max_replies=1)
+    with pytest.raises(TooManyReplies):
+        await unlimited.ask("user:alice", "r5")  # r4's lease still counts
+
+
 async def test_leases_of_a_dead_instance_expire_and_live_ones_are_refreshed(
     stores: Callable[[], LimitStore],
 ) -> None:
@@ -108,6 +137,7 @@ async def test_limits_fail_open_when_redis_is_down() -> None:
             await limits.message("user:alice")
             await limits.connect("user:alice", "c")
             await limits.reply_started("user:alice", "r")
+            await limits.ask("user:alice", "r2")
         await limits.reply_finished("user:alice", "r")
         await limits.disconnect("user:alice", "c")
     finally:

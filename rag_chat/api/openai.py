@@ -93,8 +93,7 @@ async def chat_completions(body: CompletionIn, request: Request, who: Caller) ->
     services: Services = request.app.state.services
     question, history = _split(body.messages)
     limits, lease = services.limits, uuid.uuid4().hex
-    await limits.message(who.limit_key)
-    await limits.reply_started(who.limit_key, lease)
+    await limits.ask(who.limit_key, lease)
     try:
         reply = services.chat.start(
             question,

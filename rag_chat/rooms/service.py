@@ -381,19 +381,13 @@ class Rooms:
         msg_id = uuid.uuid4().hex
         who = member.limit_key
         if self.limits is not None:
-            await self.limits.message(who)
+            # the message counted and, when it asks, its answer's lease taken: one round trip
+            await (self.limits.ask(who, msg_id) if ask else self.limits.message(who))
         question = _AI_MENTION.sub(" ", text).strip() or text
-        # retrieval runs while the answer cap is checked and the message is written (claim,
-        # log, memory): time to first token. The message limit above still bounds the work a
-        # caller can cause; a refused answer only cancels its retrieval.
+        # retrieval runs while the message is written (claim, log, memory): time to first
+        # token. The limits above bound the work a caller can cause.
         prefetch = self.chat.prefetch(question) if ask else None
         history = self.chat.prefetch_history(room) if ask else None
-        if ask and self.limits is not None:
-            try:
-                await self.limits.reply_started(who, msg_id)
-            except BaseException:
-                _cancel(prefetch, history)
-                raise
         try:
             msg = await self._append_message(member, room, text, msg_id, client_id, ask)
         except BaseException:
