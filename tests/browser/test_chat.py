@@ -78,6 +78,15 @@ def test_answer_streams_in_with_its_sources(ui: UI, chat_server: ChatServer) -> 
     answer = stored_answer(chat_server, chat)
     assert answer["id"] == message_id
     assert answer["content"] == chat.streamed_text(message_id)
+
+    # Copy puts the answer's markdown on the clipboard, as the server stored it
+    chat.page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    copy = chat.ai(0).get_by_test_id("copy")
+    expect(copy).to_have_text("Copy")
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert chat.page.evaluate("navigator.clipboard.readText()") == answer["content"]
+    expect(copy).to_have_text("Copy", timeout=5000)
     sources = answer["sources"]
     assert sources, answer
     assert all(s["source"].startswith("data/guide/") for s in sources), sources

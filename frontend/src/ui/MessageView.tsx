@@ -2,6 +2,7 @@ import { memo, useCallback } from "react";
 import { citationsInMarkdown } from "../state/citations";
 import type { ChatMessage } from "../state/chat";
 import type { SourceChunk } from "../protocol";
+import { CopyButton } from "./CopyButton";
 import { Markdown } from "./Markdown";
 import { fileName, sourcePlace, sourceTitle, timeOf } from "./format";
 
@@ -81,6 +82,7 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
             Retry
           </button>
         )}
+        {ai && !msg.streaming && msg.text && <CopyButton text={msg.text} what="the answer" />}
       </header>
       {ai ? (
         <div className="answer" aria-live="polite" aria-busy={msg.streaming ? "true" : "false"}>
