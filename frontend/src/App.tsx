@@ -5,12 +5,14 @@ import { useTheme } from "./hooks/useTheme";
 import { useDocuments } from "./hooks/useDocuments";
 import { useUploads } from "./hooks/useUploads";
 import { streamingReplies, typingLine, typingUsers, type ChatMessage } from "./state/chat";
+import { conversationMarkdown, exportFileName, hasMessages } from "./state/exportMarkdown";
 import { createStore } from "./state/storage";
 import { Composer } from "./ui/Composer";
 import type { OpenSource } from "./ui/MessageView";
 import { Sidebar, type ConversationItem } from "./ui/Sidebar";
 import { SignIn } from "./ui/SignIn";
 import { SourcePanel } from "./ui/SourcePanel";
+import { downloadText } from "./ui/download";
 import { StatusIndicator } from "./ui/StatusIndicator";
 import { Timeline } from "./ui/Timeline";
 import { Uploads, YourDocuments } from "./ui/Uploads";
@@ -230,6 +232,11 @@ export function App() {
         <span className="room-name" aria-live="polite">
           {room ? (room.kind === "room" ? `#${room.id}` : room.title || "New conversation") : ""}
         </span>
+        {room && hasMessages(room) && (
+          <button type="button" className="small export" data-testid="export" onClick={() => downloadText(exportFileName(room), conversationMarkdown(room))} title="Download this conversation as a Markdown file">
+            Export
+          </button>
+        )}
         <StatusIndicator status={status} detail={detail} queued={queued} />
         <ThemeToggle theme={theme} onToggle={toggle} />
         {auth.mode === "jwt" && (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
@@ -87,9 +87,23 @@ def test_answer_streams_in_with_its_sources(ui: UI, chat_server: ChatServer) -> 
     expect(copy).to_have_text("Copied")
     assert chat.page.evaluate("navigator.clipboard.readText()") == answer["content"]
     expect(copy).to_have_text("Copy", timeout=5000)
+
     sources = answer["sources"]
     assert sources, answer
     assert all(s["source"].startswith("data/guide/") for s in sources), sources
+
+    # Export downloads the conversation as Markdown: the question, the answer as stored, and
+    # the answer's sources with their files
+    with chat.page.expect_download() as download:
+        chat.by_id("export").click()
+    name = download.value.suggested_filename
+    assert re.fullmatch(r"how-do-i-ingest-pdf-files-\d{4}-\d\d-\d\d\.md", name), name
+    exported = Path(download.value.path()).read_text(encoding="utf-8")
+    assert exported.startswith("# How do I ingest PDF files?\n"), exported[:200]
+    assert "**You** · " in exported and "\nHow do I ingest PDF files?\n" in exported
+    assert "**Assistant** · " in exported and answer["content"].strip() in exported
+    for source in sources:
+        assert f"{source['n']}. {source['title']}" in exported and source["source"] in exported
 
     # the answer's source list: one entry per source, each naming its file from data/guide
     ai = chat.ai(0)
