@@ -37,7 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from rag_chat.errors import Forbidden, MemoryUnavailable, NotFound, Unauthorized
+from rag_chat.errors import BadRequest, Forbidden, MemoryUnavailable, NotFound, Unauthorized
 from rag_chat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ BEARER_PREFIX = "bearer."
 OPEN_OWNER = "local"
 MAX_TOKEN_CHARS = 8192
 LEEWAY_S = 30
+TITLE_CHARS = 80  # a conversation's title: its first question's start, or the one given it
 _USER = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
 
 
@@ -210,6 +211,10 @@ class AccessStore(Protocol):
 
     async def forget(self, room: str, owner: str) -> None: ...
 
+    async def rename(self, room: str, owner: str, title: str) -> bool:
+        """True when ``room`` is ``owner``'s private conversation, now titled ``title``."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -225,6 +230,15 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+_RENAME = """
+if redis.call('HGET', KEYS[1], 'kind') ~= 'private'
+   or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'title', ARGV[2])
 return 1
 """
 
@@ -251,6 +265,7 @@ class RedisAccess:
         self.ttl_s = ttl_s
         self._claim = self._redis.register_script(_CLAIM)
         self._open = self._redis.register_script(_OPEN)
+        self._rename = self._redis.register_script(_RENAME)
 
     def _acl(self, room: str) -> str:
         return f"{self.prefix}acl:{room}"
@@ -288,9 +303,10 @@ class RedisAccess:
     async def conversations(self, owner: str, limit: int) -> list[dict[str, Any]]:
         try:
             rows = await self._redis.zrevrange(self._convs(owner), 0, limit - 1, withscores=True)
-            titles = []
+            pipe = self._redis.pipeline(transaction=False)  # the titles in one round trip
             for room, _ in rows:
-                titles.append(await self._redis.hget(self._acl(room), "title"))
+                pipe.hget(self._acl(room), "title")
+            titles = await pipe.execute() if rows else []
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
         return [
@@ -302,6 +318,12 @@ class RedisAccess:
     async def forget(self, room: str, owner: str) -> None:
         try:
             await self._redis.zrem(self._convs(owner), room)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    async def rename(self, room: str, owner: str, title: str) -> bool:
+        try:
+            return bool(await self._rename(keys=[self._acl(room)], args=[owner, title]))
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -338,6 +360,13 @@ class LocalAccess:
     async def forget(self, room: str, owner: str) -> None:
         self._convs.get(owner, {}).pop(room, None)
 
+    async def rename(self, room: str, owner: str, title: str) -> bool:
+        acl = self._acl.get(room)
+        if acl is None or acl["kind"] != "private" or acl.get("owner") != owner:
+            return False
+        acl["title"] = title
+        return True
+
     async def aclose(self) -> None:
         return None
 
@@ -350,7 +379,7 @@ class Access:
 
     async def private(self, who: Principal, room: str, first_text: str = "") -> None:
         """``room`` is ``who``'s private conversation (claimed now if it is new)."""
-        title = " ".join(first_text.split())[:80]
+        title = " ".join(first_text.split())[:TITLE_CHARS]
         if await self.store.claim_private(room, who.owner, title, time.time()):
             return
         found = await self.store.get(room)
@@ -380,6 +409,21 @@ class Access:
         if kind == "room" and not who.may_join_shared(room):
             raise Forbidden(f"you may not read room {room!r}")
         return kind
+
+    async def rename(self, who: Principal, room: str, title: str) -> str:
+        """Give ``who``'s private conversation ``room`` a title of their choosing (one line,
+        at most TITLE_CHARS characters); returns it as kept. Anyone else's is 404."""
+        kept = " ".join(title.split())
+        if not kept:
+            raise BadRequest("the title is empty")
+        if len(kept) > TITLE_CHARS:
+            raise BadRequest(f"the title has {len(kept)} characters; at most {TITLE_CHARS}")
+        if not await self.store.rename(room, who.owner, kept):
+            found = await self.store.get(room)
+            if found is not None and found[0] == "room" and who.may_join_shared(room):
+                raise Forbidden(f"{room!r} is a shared room: its name is its id")
+            raise NotFound(f"no conversation {room!r}")
+        return kept
 
     async def delete(self, who: Principal, room: str) -> None:
         if await self.read(who, room) != "private":

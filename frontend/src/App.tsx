@@ -144,6 +144,22 @@ export function App() {
     }
   };
 
+  const renameConversation = async (id: string) => {
+    const c = conversations.find((x) => x.id === id);
+    const typed = window.prompt("Rename this conversation", c?.title ?? "");
+    if (typed === null || !typed.trim() || typed.trim() === c?.title) return;
+    let title: string;
+    try {
+      title = (await api.renameConversation(id, typed)).title;
+    } catch (e) {
+      window.alert(`Could not rename: ${e instanceof Error ? e.message : String(e)}`);
+      return;
+    }
+    setLocalConversations(store.renameConversation(id, title));
+    setServerConversations((list) => (list ? list.map((x) => (x.id === id ? { ...x, title } : x)) : list));
+    actions.renamed(id, title);
+  };
+
   // --- rooms ---
   const join = (room: string) => {
     setRecentRooms(store.addRecentRoom(room));
@@ -276,6 +292,7 @@ export function App() {
             setDrawer(false);
           }}
           onDeleteConversation={(id) => void deleteConversation(id)}
+          onRenameConversation={(id) => void renameConversation(id)}
           onForgetRecent={(r) => setRecentRooms(store.removeRecentRoom(r))}
         >
           <section aria-labelledby="docs-h">

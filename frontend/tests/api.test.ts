@@ -53,6 +53,19 @@ describe("api", () => {
     expect(calls[1]!.url).toBe("/api/conversations/c%2F1/messages");
   });
 
+  it("renames a conversation with a JSON PATCH; a refusal is an ApiError with the server's message", async () => {
+    const { f, calls } = fakeFetch({
+      "PATCH /api/conversations/c%2F1": (init) => {
+        const { title } = JSON.parse(String(init?.body)) as { title: string };
+        return title.trim() ? json({ id: "c/1", title: title.trim() }) : json({ error: { code: "bad_request", message: "the title is empty", type: "invalid_request_error" } }, 400);
+      },
+    });
+    const api = createApi(f);
+    expect(await api.renameConversation("c/1", " Ports ")).toEqual({ id: "c/1", title: "Ports" });
+    expect(calls[0]!.init?.headers).toMatchObject({ "content-type": "application/json" });
+    await expect(api.renameConversation("c/1", " ")).rejects.toMatchObject({ status: 400, code: "bad_request", message: "the title is empty" });
+  });
+
   it("lists the caller's documents and removes one by its name, encoded", async () => {
     const listed = { documents: [{ name: "relay notes.md", bytes: 80, modified: 1, chunks: 2 }, { name: "bad.pdf", bytes: 9, modified: 2, chunks: null }] };
     const { f, calls } = fakeFetch({

@@ -80,6 +80,17 @@ describe("reducer: rooms and presence", () => {
     expect(msgs(s, "team").map((m) => m.id)).toEqual(["m0", "m1"]);
   });
 
+  it("a renamed conversation takes its new title; its first question no longer names it", () => {
+    seqs = {};
+    let s = run(initialState, { type: "open", room: "c1", kind: "conversation", title: "Which port?" });
+    s = run(s, { type: "rename", room: "c1", title: "Ports" });
+    expect(s.rooms.c1!.title).toBe("Ports");
+    s = run(s, { type: "open", room: "c1", kind: "conversation", title: "Which port?" }); // reopened from an old list
+    expect(s.rooms.c1!.title).toBe("Ports");
+    expect(run(s, { type: "rename", room: "gone", title: "x" })).toBe(s); // not open: nothing to do
+    expect(run(s, { type: "rename", room: "c1", title: "Ports" })).toBe(s);
+  });
+
   it("left removes the room", () => {
     let s = joinedState("team", "ops");
     s = run(s, srv({ type: "left", room: "team" }));

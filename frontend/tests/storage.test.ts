@@ -40,6 +40,7 @@ describe("store", () => {
     s.touchConversation("c1", "first", 1);
     s.touchConversation("c2", null, 2);
     expect(s.touchConversation("c1", null, 3).map((c) => [c.id, c.title])).toEqual([["c1", "first"], ["c2", null]]);
-    expect(s.forgetConversation("c1").map((c) => c.id)).toEqual(["c2"]);
+    expect(s.renameConversation("c2", "named").map((c) => [c.id, c.title])).toEqual([["c1", "first"], ["c2", "named"]]);
+    expect(s.forgetConversation("c1").map((c) => [c.id, c.title])).toEqual([["c2", "named"]]);
   });
 });

@@ -117,6 +117,29 @@ async def get_messages(
     return {"conversation_id": conversation_id, "messages": messages}
 
 
+class RenameIn(BaseModel):
+    title: str = Field(
+        min_length=1, max_length=1000, description="one line; at most 80 characters kept"
+    )
+
+
+class RenamedOut(BaseModel):
+    id: str
+    title: str
+
+
+@router.patch(
+    "/api/conversations/{conversation_id}", tags=["conversations"], response_model=RenamedOut
+)
+async def rename_conversation(
+    conversation_id: ConversationId, body: RenameIn, request: Request, who: Caller
+) -> RenamedOut:
+    """Give one of the caller's private conversations a title (whitespace collapsed to single
+    spaces). Someone else's is 404, like one that does not exist."""
+    title = await _services(request).access.rename(who, conversation_id, body.title)
+    return RenamedOut(id=conversation_id, title=title)
+
+
 @router.delete(
     "/api/conversations/{conversation_id}/messages", status_code=204, tags=["conversations"]
 )

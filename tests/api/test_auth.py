@@ -136,6 +136,7 @@ def test_http_endpoints_need_a_bearer_token(make_app: Any, auth_settings: Settin
             ("GET", "/api/conversations", None),
             ("GET", "/api/conversations/abc/messages", None),
             ("DELETE", "/api/conversations/abc/messages", None),
+            ("PATCH", "/api/conversations/abc", {"title": "x"}),
             ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
             ("GET", "/v1/models", None),
         ]:
@@ -255,6 +256,66 @@ def test_nobody_reads_resumes_or_joins_someone_elses_conversation(
             assert until(ws, "ai.done")["finish_reason"] == "stop"
         listed = client.get("/api/conversations", headers=bearer(alice)).json()["conversations"]
         assert {c["id"] for c in listed} == {conv, "alice-new"}
+
+
+def test_a_conversation_is_renamed_by_its_owner_alone(
+    make_app: Any, auth_settings: Settings
+) -> None:
+    alice = mint(auth_settings, "alice", rooms=["team-*"])
+    bob = mint(auth_settings, "bob")
+    llm = FakeLLM()
+    with TestClient(make_app(llm, auth_settings)) as client:
+        convs = []
+        for question in ("First question?", "Second question?", "Third question?"):
+            llm.enqueue(["An answer."])
+            convs.append(sse_chat(client, alice, question)["conversation_id"])
+            time.sleep(0.01)  # distinct times: the listing's order
+        conv = convs[1]
+
+        r = client.patch(
+            f"/api/conversations/{conv}",
+            json={"title": "  Ports\tand \n servers  "},
+            headers=bearer(alice),
+        )
+        assert r.status_code == 200, r.text
+        assert r.json() == {"id": conv, "title": "Ports and servers"}
+        listed = client.get("/api/conversations", headers=bearer(alice)).json()["conversations"]
+        assert [(c["id"], c["title"]) for c in listed] == [
+            (convs[2], "Third question?"),
+            (conv, "Ports and servers"),
+            (convs[0], "First question?"),
+        ]
+        llm.enqueue(["More."])  # a later message keeps the title given
+        sse_chat(client, alice, "And then?", conversation_id=conv)
+        listed = client.get("/api/conversations", headers=bearer(alice)).json()["conversations"]
+        assert (listed[0]["id"], listed[0]["title"]) == (conv, "Ports and servers")
+
+        refused = [
+            (bob, conv, {"title": "mine now"}, 404, "not_found", "no conversation"),
+            (alice, "nope", {"title": "x"}, 404, "not_found", "no conversation"),
+            (alice, conv, {"title": " \n\t "}, 400, "bad_request", "the title is empty"),
+            (alice, conv, {"title": "x" * 81}, 400, "bad_request", "81 characters; at most 80"),
+            (alice, conv, {}, 422, "bad_request", "title"),
+            (alice, conv, {"title": 5}, 422, "bad_request", "title"),
+        ]
+        for token, cid, body, status, code, message in refused:
+            r = client.patch(f"/api/conversations/{cid}", json=body, headers=bearer(token))
+            assert r.status_code == status, (body, r.text)
+            error = r.json()["error"]
+            assert error["code"] == code and message in error["message"], error
+            assert "\n" not in error["message"]
+        # a shared room's name is its id
+        with client.websocket_connect("/ws", subprotocols=["rag_chat", f"bearer.{alice}"]) as ws:
+            ws.send_json({"type": "join", "room": "team-red"})
+            assert until(ws, "joined")["room"] == "team-red"
+        r = client.patch("/api/conversations/team-red", json={"title": "x"}, headers=bearer(alice))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+        listed = client.get("/api/conversations", headers=bearer(alice)).json()["conversations"]
+        assert [c["title"] for c in listed] == [
+            "Ports and servers",
+            "Third question?",
+            "First question?",
+        ]  # nothing a refused request changed
 
 
 def test_cancel_only_by_members_and_rooms_only_by_pattern(

@@ -498,6 +498,11 @@ def test_path_ids(http: TestClient) -> None:
         cases[f"delete-{name}"] = ("DELETE", url, {})
         cases[f"job-{name}"] = ("GET", f"http://testserver/api/documents/jobs/{cid}", {})
         cases[f"remove-{name}"] = ("DELETE", f"http://testserver/api/documents/{cid}", {})
+        cases[f"rename-{name}"] = (
+            "PATCH",
+            f"http://testserver/api/conversations/{cid}",
+            {"json": {"title": "renamed"}},
+        )
     # dot segments as a client writes them (httpx removes them, as browsers do)
     cases["literal-traversal"] = ("GET", "/api/conversations/../../etc/passwd/messages", {})
     for name, response in run_named(http, cases).items():

@@ -332,8 +332,19 @@ class ChatPage:
     server: ChatServer
     errors: list[str] = field(default_factory=list)
     console: list[str] = field(default_factory=list)
+    # what the next window.prompt()s are answered with, in turn (confirms are accepted)
+    prompt_answers: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # the prompts' messages, as asked
 
     # driving
+
+    def on_dialog(self, dialog: Any) -> None:
+        if dialog.type == "prompt":
+            self.prompts.append(dialog.message)
+            if self.prompt_answers:
+                dialog.accept(self.prompt_answers.pop(0))
+                return
+        dialog.accept()
 
     def goto(self) -> None:
         self.page.goto(self.server.url + "/")
@@ -470,7 +481,7 @@ class UI:
                 else None
             ),
         )
-        page.on("dialog", lambda d: d.accept())
+        page.on("dialog", chat.on_dialog)
         self.pages.append(chat)
         chat.goto()
         if connect:

@@ -105,6 +105,16 @@ def test_answer_streams_in_with_its_sources(ui: UI, chat_server: ChatServer) -> 
     for source in sources:
         assert f"{source['n']}. {source['title']}" in exported and source["source"] in exported
 
+    # Rename (the conversation list's ✎) asks for a title and keeps it on the server: the
+    # list, the top bar and GET /api/conversations all say it
+    chat.prompt_answers.append("  Ingesting   PDFs ")
+    chat.page.get_by_role("button", name="Rename conversation How do I ingest PDF files?").click()
+    expect(chat.page.locator(".sidebar .list li.active .item-title")).to_have_text("Ingesting PDFs")
+    expect(chat.page.locator(".topbar .room-name")).to_have_text("Ingesting PDFs")
+    assert chat.prompts == ["Rename this conversation"]
+    listed = httpx.get(f"{chat_server.url}/api/conversations").json()["conversations"]
+    assert [(c["id"], c["title"]) for c in listed] == [(chat.conversation_id(), "Ingesting PDFs")]
+
     # the answer's source list: one entry per source, each naming its file from data/guide
     ai = chat.ai(0)
     links = ai.locator(".sources .source-link")

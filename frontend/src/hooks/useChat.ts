@@ -129,6 +129,7 @@ export function useChat({ enabled, name, onAuthRequired }: ChatOptions) {
   );
 
   const select = useCallback((room: string) => dispatch({ type: "select", room }), []);
+  const renamed = useCallback((room: string, title: string) => dispatch({ type: "rename", room, title }), []);
 
   const send = useCallback(
     (text: string, askAi: boolean) => {
@@ -169,8 +170,8 @@ export function useChat({ enabled, name, onAuthRequired }: ChatOptions) {
   const dismissBanner = useCallback(() => dispatch({ type: "banner", banner: null }), []);
 
   const actions = useMemo(
-    () => ({ joinRoom, leaveRoom, newConversation, openConversation, closeConversation, select, send, retry, stop, typing, setMe, dismissBanner }),
-    [joinRoom, leaveRoom, newConversation, openConversation, closeConversation, select, send, retry, stop, typing, setMe, dismissBanner],
+    () => ({ joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, stop, typing, setMe, dismissBanner }),
+    [joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, stop, typing, setMe, dismissBanner],
   );
 
   return { state, status, detail, actions, isTracking: (id: string) => conn.isTracking(id) };

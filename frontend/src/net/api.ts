@@ -88,6 +88,7 @@ export function createApi(fetchImpl: FetchLike = (i, init) => fetch(i, init), ba
     conversations: () => call<ConversationList>("GET", "/api/conversations"),
     messages: (id: string) => call<ConversationMessages>("GET", `/api/conversations/${encodeURIComponent(id)}/messages`),
     deleteConversation: (id: string) => call<void>("DELETE", `/api/conversations/${encodeURIComponent(id)}/messages`),
+    renameConversation: (id: string, title: string) => call<{ id: string; title: string }>("PATCH", `/api/conversations/${encodeURIComponent(id)}`, { title }),
     job: (jobId: string) => call<IngestJob>("GET", `/api/documents/jobs/${encodeURIComponent(jobId)}`),
     /** The caller's uploads, with their chunks in the index. */
     documents: () => call<DocumentList>("GET", "/api/documents"),

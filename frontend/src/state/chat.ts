@@ -102,6 +102,8 @@ export type Action =
   | { type: "server"; event: ServerEvent; now: number }
   | { type: "open"; room: string; kind: RoomKind; title?: string | null; activate?: boolean }
   | { type: "close"; room: string }
+  /** A conversation given a title by its owner (it replaces the one it had). */
+  | { type: "rename"; room: string; title: string }
   | { type: "select"; room: string }
   | {
       type: "local.message";
@@ -139,6 +141,11 @@ export function reduce(state: ChatState, action: Action): ChatState {
       const titled = existing && action.title && !existing.title ? { ...existing, title: action.title } : room;
       const next = withRoom(state, titled);
       return action.activate === false ? next : select(next, action.room);
+    }
+    case "rename": {
+      const room = state.rooms[action.room];
+      if (!room || room.title === action.title) return state;
+      return { ...state, rooms: { ...state.rooms, [action.room]: { ...room, title: action.title } } };
     }
     case "close": {
       if (!state.rooms[action.room]) return state;

@@ -103,6 +103,11 @@ export function createStore(storage: StorageLike | null = safeStorage()) {
       write(storage, KEYS.conversations, JSON.stringify(list));
       return list;
     },
+    renameConversation(id: string, title: string): LocalConversation[] {
+      const list = this.localConversations().map((c) => (c.id === id ? { ...c, title } : c));
+      write(storage, KEYS.conversations, JSON.stringify(list));
+      return list;
+    },
     forgetConversation(id: string): LocalConversation[] {
       const list = this.localConversations().filter((c) => c.id !== id);
       write(storage, KEYS.conversations, JSON.stringify(list));

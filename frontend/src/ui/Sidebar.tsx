@@ -23,6 +23,7 @@ interface Props {
   onNewChat: () => void;
   onOpenConversation: (c: ConversationItem) => void;
   onDeleteConversation: (id: string) => void;
+  onRenameConversation: (id: string) => void;
   onForgetRecent: (room: string) => void;
   children?: React.ReactNode;
 }
@@ -67,6 +68,9 @@ export function Sidebar(p: Props) {
                   <span className="item-title">{c.title || "Untitled conversation"}</span>
                   <span className="item-meta">{dateLabel(c.updated_at)}</span>
                   {unread > 0 && <span className="unread" aria-label={`${unread} new`}>{unread}</span>}
+                </button>
+                <button type="button" className="icon" onClick={() => p.onRenameConversation(c.id)} aria-label={`Rename conversation ${c.title || c.id}`} title="Rename" data-testid="rename-conversation">
+                  ✎
                 </button>
                 <button type="button" className="icon" onClick={() => p.onDeleteConversation(c.id)} aria-label={`Delete conversation ${c.title || c.id}`} title="Delete">
                   ✕
