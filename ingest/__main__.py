@@ -1,7 +1,8 @@
 """``python -m ingest PATH…``: parse, chunk, embed and sync files into the index.
 
 Exit status: 0 all landed; 1 some file or path failed (the rest landed); 2 bad usage or
-settings; 75 another ingest holds the lock; 130 interrupted (the index stays consistent).
+settings; 74 the index could not be written (a full disk, an unwritable RAG_DATA_DIR: the
+index stays consistent); 75 another ingest holds the lock; 130 interrupted (consistent too).
 """
 
 from __future__ import annotations
@@ -12,7 +13,20 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-EXIT_FAILED, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 75, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_STORAGE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 74, 75, 130
+
+
+def storage_failure(exc: BaseException) -> bool:
+    """The index's own storage failed: a file system error (a full disk or quota, a file-size
+    limit, RAG_DATA_DIR unwritable or not a folder), SQLite's (the manifest) or Chroma's.
+    A file that cannot be read is not one of these: the pipeline reports it per file."""
+    import sqlite3
+
+    return isinstance(exc, (OSError, sqlite3.Error)) or type(exc).__module__.startswith("chromadb")
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err("interrupted; the index is consistent, run the same command again to finish")
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not storage_failure(exc):
+            raise
+        err(
+            f"could not write the index in {settings.data_dir}: {one_line(exc)} — the index "
+            "is consistent: make room (or fix the folder) and run the same command again"
+        )
+        return EXIT_STORAGE
 
     for path, message in report.errors:
         err(f"{path}: {message}")

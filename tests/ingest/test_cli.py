@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -264,3 +265,61 @@ sys.exit(code)
     result = run_cli(["-c", script, str(docs)], tmp_path / "state")
     assert result.returncode == 0, result.stderr
     assert "imported before the writer's prepare: [['numpy', 'onnxruntime']]" in result.stdout
+
+
+def test_a_full_disk_or_a_bad_data_dir_is_one_line_and_the_next_run_finishes(
+    tmp_path: Path,
+) -> None:
+    """Storage that fails under the index — RAG_DATA_DIR under a file; a real file-size limit
+    (RLIMIT_FSIZE, what a full disk looks like to a process: writes fail) hit while Chroma
+    writes — is one line and exit 74, not a traceback; once there is room, the same command
+    finishes and the index is consistent."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"doc{i:02}.md").write_text(  # ~4 chunks each: more than 300 kB in Chroma
+            f"# Document {i}\n"
+            + "\n\n".join(
+                f"Paragraph {j} of document {i}: " + " ".join(f"word{k}x{j}" for k in range(40))
+                for j in range(12)
+            )
+        )
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = run_cli(["-m", "ingest", str(docs), "-q"], blocker / "state")
+    assert r.returncode == 74, r.stderr
+    assert r.stderr.splitlines() == [
+        f"ingest: could not write the index in {blocker / 'state'}: [Errno 20] Not a directory: "
+        f"'{blocker / 'state'}' — the index is consistent: make room (or fix the folder) and run "
+        "the same command again"
+    ]
+
+    # the model's ONNX export is cached outside RAG_DATA_DIR (RAG_EMBEDDING_CACHE_DIR): made
+    # now if this session has not yet, so that the limit below meets the index's writes
+    warm = run_cli(["-m", "ingest", str(docs / "doc00.md"), "-q"], tmp_path / "warm")
+    assert warm.returncode == 0, warm.stderr
+    data = tmp_path / "state"
+    env = {**os.environ, "RAG_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+    def cramped() -> None:  # in the child, before it runs Python: files stop at 300 kB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write fails (EFBIG), not the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "ingest", str(docs), "-q"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=cramped,
+    )
+    assert r.returncode == 74, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("ingest: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"ingest: could not write the index in {data}:")
+    assert "Traceback" not in r.stderr
+
+    r = run_cli(["-m", "ingest", str(docs), "-q"], data)
+    assert r.returncode == 0, r.stderr
+    assert len(landed(data)) == 40
+    assert consistent(data)
