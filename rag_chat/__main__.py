@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,6 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         Authenticator(settings)  # a public key that cannot be read: say so now
     except ValueError as exc:
         print(f"rag_chat: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+    try:  # all local state lives there: a folder that cannot hold it is said now, in one line
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.data_dir / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        print(
+            f"rag_chat: cannot start: RAG_DATA_DIR {settings.data_dir} cannot be written: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
 
     async def preflight() -> None:
