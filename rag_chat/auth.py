@@ -207,7 +207,12 @@ class AccessStore(Protocol):
 
     async def get(self, room: str) -> tuple[str, str] | None: ...
 
-    async def conversations(self, owner: str, limit: int) -> list[dict[str, Any]]: ...
+    async def conversations(
+        self, owner: str, limit: int, before: float | None = None
+    ) -> list[dict[str, Any]]:
+        """``owner``'s conversations, newest first: ``limit`` of them, active before
+        ``before`` (exclusive) when given."""
+        ...
 
     async def forget(self, room: str, owner: str) -> None: ...
 
@@ -300,20 +305,41 @@ class RedisAccess:
             raise self._unavailable(exc) from exc
         return (acl["kind"], acl.get("owner", "")) if acl else None
 
-    async def conversations(self, owner: str, limit: int) -> list[dict[str, Any]]:
+    async def conversations(
+        self, owner: str, limit: int, before: float | None = None
+    ) -> list[dict[str, Any]]:
+        key = self._convs(owner)
+        out: list[dict[str, Any]] = []
         try:
-            rows = await self._redis.zrevrange(self._convs(owner), 0, limit - 1, withscores=True)
-            pipe = self._redis.pipeline(transaction=False)  # the titles in one round trip
-            for room, _ in rows:
-                pipe.hget(self._acl(room), "title")
-            titles = await pipe.execute() if rows else []
+            while len(out) < limit:
+                want = limit - len(out)
+                rows = await self._redis.zrevrangebyscore(
+                    key,
+                    "+inf" if before is None else f"({before!r}",
+                    "-inf",
+                    start=0,
+                    num=want,
+                    withscores=True,
+                )
+                if not rows:
+                    break
+                pipe = self._redis.pipeline(transaction=False)  # the titles in one round trip
+                for room, _ in rows:
+                    pipe.hget(self._acl(room), "title")
+                gone = []
+                for (room, ts), title in zip(rows, await pipe.execute(), strict=True):
+                    if title is None:  # expired: dropped from the list for good
+                        gone.append(room)
+                    else:
+                        out.append({"id": room, "title": title, "updated_at": ts})
+                if gone:
+                    await self._redis.zrem(key, *gone)
+                if len(rows) < want:
+                    break
+                before = rows[-1][1]
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
-        return [
-            {"id": room, "title": title or "", "updated_at": ts}
-            for (room, ts), title in zip(rows, titles, strict=True)
-            if title is not None  # expired conversations drop out
-        ]
+        return out
 
     async def forget(self, room: str, owner: str) -> None:
         try:
@@ -353,8 +379,13 @@ class LocalAccess:
         acl = self._acl.get(room)
         return (acl["kind"], acl.get("owner", "")) if acl else None
 
-    async def conversations(self, owner: str, limit: int) -> list[dict[str, Any]]:
-        rows = sorted(self._convs.get(owner, {}).items(), key=lambda r: -r[1])[:limit]
+    async def conversations(
+        self, owner: str, limit: int, before: float | None = None
+    ) -> list[dict[str, Any]]:
+        rows = sorted(
+            ((r, t) for r, t in self._convs.get(owner, {}).items() if before is None or t < before),
+            key=lambda r: -r[1],
+        )[:limit]
         return [{"id": r, "title": self._acl[r].get("title", ""), "updated_at": t} for r, t in rows]
 
     async def forget(self, room: str, owner: str) -> None:

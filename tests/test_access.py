@@ -45,3 +45,29 @@ async def test_conversations_are_listed_newest_first_and_renamed_by_their_owner(
     assert [c["id"] for c in await store.conversations("alice", 2)] == ["c2", "c3"]
     assert await store.conversations("bob", 10) == []
     assert await store.get("team") == ("room", "")
+
+
+async def test_conversations_page_by_time_and_expired_ones_drop_out(
+    store: AccessStore, redis_prefix: str
+) -> None:
+    for i in range(7):
+        assert await store.claim_private(f"c{i}", "alice", f"q{i}", 100.0 + i)
+    if isinstance(store, RedisAccess):  # two conversations' own keys expire (TTL passed)
+        await store._redis.delete(store._acl("c5"), store._acl("c2"))
+        live = ["c6", "c4", "c3", "c1", "c0"]
+    else:
+        live = ["c6", "c5", "c4", "c3", "c2", "c1", "c0"]
+
+    pages, before = [], None
+    while True:
+        page = await store.conversations("alice", 2, before)
+        if not page:
+            break
+        pages.append([c["id"] for c in page])
+        before = page[-1]["updated_at"]
+    assert [room for page in pages for room in page] == live
+    assert all(len(page) == 2 for page in pages[:-1])  # expired ones do not make pages short
+    assert await store.conversations("alice", 10, 100.0) == []  # before is exclusive
+    if isinstance(store, RedisAccess):  # and they are gone from the list for good
+        rooms = await store._redis.zrange(store._convs("alice"), 0, -1)
+        assert sorted(rooms) == sorted(live)

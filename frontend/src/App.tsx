@@ -72,12 +72,17 @@ export function App() {
   const [serverConversations, setServerConversations] = useState<ConversationItem[] | null>(null);
   const [conversationsError, setConversationsError] = useState<string | null>(null);
   const [localConversations, setLocalConversations] = useState(() => store.localConversations());
+  // pages past the first, loaded on request ("Show older"), and the cursor for the next one
+  const [olderConversations, setOlderConversations] = useState<ConversationItem[]>([]);
+  const [nextBefore, setNextBefore] = useState<number | null>(null);
+  const olderLoaded = useRef(false);
 
   const refreshConversations = useCallback(() => {
     api
       .conversations()
       .then((r) => {
         setServerConversations(r.conversations ?? []);
+        if (!olderLoaded.current) setNextBefore(r.next_before ?? null);
         setConversationsError(null);
       })
       .catch((e: unknown) => {
@@ -86,6 +91,21 @@ export function App() {
         setConversationsError(e instanceof ApiError && e.status === 404 ? null : "Could not load past conversations.");
       });
   }, [api]);
+
+  const loadOlderConversations = useCallback(() => {
+    if (nextBefore === null) return;
+    api
+      .conversations({ before: nextBefore })
+      .then((r) => {
+        olderLoaded.current = true;
+        setOlderConversations((old) => {
+          const have = new Set(old.map((c) => c.id));
+          return [...old, ...(r.conversations ?? []).filter((c) => !have.has(c.id))];
+        });
+        setNextBefore(r.next_before ?? null);
+      })
+      .catch(() => setConversationsError("Could not load older conversations."));
+  }, [api, nextBefore]);
 
   // the conversations that got a finished answer: refresh the list when that changes
   const finished = useMemo(() => {
@@ -115,6 +135,12 @@ export function App() {
   const conversations = useMemo<ConversationItem[]>(() => {
     const out: ConversationItem[] = [...(serverConversations ?? localConversations)];
     const have = new Set(out.map((c) => c.id));
+    for (const c of serverConversations ? olderConversations : []) {
+      if (!have.has(c.id)) {
+        out.push(c);
+        have.add(c.id);
+      }
+    }
     for (const id of state.order) {
       const r = state.rooms[id]!;
       if (r.kind !== "conversation" || have.has(id) || !r.items.length) continue;
@@ -123,7 +149,7 @@ export function App() {
       have.add(id);
     }
     return out.map((c) => (!c.title && state.rooms[c.id]?.title ? { ...c, title: state.rooms[c.id]!.title } : c));
-  }, [serverConversations, localConversations, state]);
+  }, [serverConversations, olderConversations, localConversations, state]);
 
   const deleteConversation = async (id: string) => {
     const c = conversations.find((x) => x.id === id);
@@ -138,6 +164,7 @@ export function App() {
     }
     setLocalConversations(store.forgetConversation(id));
     setServerConversations((list) => (list ? list.filter((x) => x.id !== id) : list));
+    setOlderConversations((list) => list.filter((x) => x.id !== id));
     if (state.rooms[id]) {
       actions.closeConversation(id);
       if (state.active === id) actions.newConversation();
@@ -157,6 +184,7 @@ export function App() {
     }
     setLocalConversations(store.renameConversation(id, title));
     setServerConversations((list) => (list ? list.map((x) => (x.id === id ? { ...x, title } : x)) : list));
+    setOlderConversations((list) => list.map((x) => (x.id === id ? { ...x, title } : x)));
     actions.renamed(id, title);
   };
 
@@ -293,6 +321,7 @@ export function App() {
           }}
           onDeleteConversation={(id) => void deleteConversation(id)}
           onRenameConversation={(id) => void renameConversation(id)}
+          onLoadOlderConversations={nextBefore !== null ? loadOlderConversations : undefined}
           onForgetRecent={(r) => setRecentRooms(store.removeRecentRoom(r))}
         >
           <section aria-labelledby="docs-h">

@@ -350,6 +350,8 @@ export interface ConversationSummary {
 
 export interface ConversationList {
   conversations: ConversationSummary[];
+  /** Pass as `before` for the next, older page; null (or absent, older servers): none. */
+  next_before?: number | null;
 }
 
 export interface ConversationMessages {

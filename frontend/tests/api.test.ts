@@ -53,6 +53,19 @@ describe("api", () => {
     expect(calls[1]!.url).toBe("/api/conversations/c%2F1/messages");
   });
 
+  it("pages through conversations with before/limit", async () => {
+    const { f, calls } = fakeFetch({
+      "GET /api/conversations": () => json({ conversations: [{ id: "c2", title: "b", updated_at: 2 }], next_before: 2 }),
+      "GET /api/conversations?before=2": () => json({ conversations: [{ id: "c1", title: "a", updated_at: 1.5 }], next_before: null }),
+      "GET /api/conversations?limit=1&before=1.5": () => json({ conversations: [] }),
+    });
+    const api = createApi(f);
+    expect((await api.conversations()).next_before).toBe(2);
+    expect((await api.conversations({ before: 2 })).conversations.map((c) => c.id)).toEqual(["c1"]);
+    expect((await api.conversations({ before: 1.5, limit: 1 })).next_before).toBeUndefined();
+    expect(calls.map((c) => c.url)).toEqual(["/api/conversations", "/api/conversations?before=2", "/api/conversations?limit=1&before=1.5"]);
+  });
+
   it("renames a conversation with a JSON PATCH; a refusal is an ApiError with the server's message", async () => {
     const { f, calls } = fakeFetch({
       "PATCH /api/conversations/c%2F1": (init) => {

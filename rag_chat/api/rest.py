@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -94,13 +94,26 @@ class ConversationOut(BaseModel):
 
 class ConversationsOut(BaseModel):
     conversations: list[ConversationOut]
+    # pass as ``before`` for the next, older page; null: there is none
+    next_before: float | None = None
 
 
 @router.get("/api/conversations", tags=["conversations"], response_model=ConversationsOut)
-async def list_conversations(request: Request, who: Caller) -> ConversationsOut:
-    """The caller's private conversations, most recently active first."""
-    rows = await _services(request).access.store.conversations(who.owner, 100)
-    return ConversationsOut(conversations=[ConversationOut(**r) for r in rows])
+async def list_conversations(
+    request: Request,
+    who: Caller,
+    limit: Annotated[int, Query(ge=1, le=200)] = 100,
+    before: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+) -> ConversationsOut:
+    """The caller's private conversations, most recently active first, ``limit`` at a time;
+    ``before`` (a ``next_before``) pages to older ones."""
+    rows = await _services(request).access.store.conversations(who.owner, limit + 1, before)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return ConversationsOut(
+        conversations=[ConversationOut(**r) for r in rows],
+        next_before=rows[-1]["updated_at"] if more else None,
+    )
 
 
 @router.get("/api/conversations/{conversation_id}/messages", tags=["conversations"])

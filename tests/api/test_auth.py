@@ -285,6 +285,21 @@ def test_a_conversation_is_renamed_by_its_owner_alone(
             (conv, "Ports and servers"),
             (convs[0], "First question?"),
         ]
+        # paged, newest first: next_before is the cursor, null on the last page
+        page = client.get("/api/conversations?limit=2", headers=bearer(alice)).json()
+        assert [c["id"] for c in page["conversations"]] == [convs[2], conv]
+        assert page["next_before"] == page["conversations"][-1]["updated_at"]
+        older = client.get(
+            "/api/conversations",
+            params={"limit": 2, "before": page["next_before"]},
+            headers=bearer(alice),
+        ).json()
+        assert [c["id"] for c in older["conversations"]] == [convs[0]]
+        assert older["next_before"] is None
+        for query in ("limit=0", "limit=201", "before=nan", "before=soon", "limit=x"):
+            r = client.get(f"/api/conversations?{query}", headers=bearer(alice))
+            assert r.status_code == 422 and r.json()["error"]["code"] == "bad_request", query
+
         llm.enqueue(["More."])  # a later message keeps the title given
         sse_chat(client, alice, "And then?", conversation_id=conv)
         listed = client.get("/api/conversations", headers=bearer(alice)).json()["conversations"]

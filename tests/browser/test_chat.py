@@ -113,7 +113,7 @@ def test_answer_streams_in_with_its_sources(ui: UI, chat_server: ChatServer) -> 
     expect(chat.page.locator(".topbar .room-name")).to_have_text("Ingesting PDFs")
     assert chat.prompts == ["Rename this conversation"]
     listed = httpx.get(f"{chat_server.url}/api/conversations").json()["conversations"]
-    assert [(c["id"], c["title"]) for c in listed] == [(chat.conversation_id(), "Ingesting PDFs")]
+    assert {c["id"]: c["title"] for c in listed}[chat.conversation_id()] == "Ingesting PDFs"
 
     # the answer's source list: one entry per source, each naming its file from data/guide
     ai = chat.ai(0)

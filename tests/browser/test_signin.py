@@ -3,11 +3,14 @@ minted one, and a session that survives a reload."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
 
 from playwright.sync_api import expect
+from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
 from tests.browser.conftest import JWT_SECRET, SCREENSHOTS, UI, ChatServer
 from tests.conftest import ROOT
@@ -60,3 +63,29 @@ def test_sign_in_with_a_token(ui: UI, jwt_server: ChatServer) -> None:
     chat.wait_status("connected")
     expect(chat.by_id("signin-token")).to_have_count(0)
     expect(chat.page.locator(".account .user")).to_have_text("alice")
+
+
+def test_more_conversations_than_a_page_show_on_request(ui: UI, jwt_server: ChatServer) -> None:
+    """The list shows the newest 100; "Show older conversations" loads the rest."""
+    user = f"pager-{uuid.uuid4().hex[:6]}"
+    token = mint(user)
+    url = jwt_server.url.replace("http", "ws", 1) + "/ws"
+    with connect(url, subprotocols=[Subprotocol("rag_chat"), Subprotocol(f"bearer.{token}")]) as ws:
+        for i in range(103):  # what a private join claims: a conversation of this user's
+            ws.send(json.dumps({"type": "join", "room": f"{user}-c{i:03}", "private": True}))
+            while json.loads(ws.recv(timeout=30))["type"] != "joined":
+                pass
+    chat = ui.open("pager", server=jwt_server, connect=False)
+    chat.by_id("signin-token").fill(token)
+    chat.by_id("signin-submit").click()
+    chat.wait_status("connected")
+    items = chat.page.locator(".sidebar .list li .item")
+    expect(items).to_have_count(100)
+    older = chat.by_id("older-conversations")
+    older.click()
+    expect(items).to_have_count(103)
+    expect(older).to_have_count(0)  # nothing older left
+    labels = chat.by_id("rename-conversation").evaluate_all(
+        "els => els.map((e) => e.getAttribute('aria-label'))"
+    )  # untitled conversations are named by their ids: newest first, then the older page
+    assert labels == [f"Rename conversation {user}-c{i:03}" for i in reversed(range(103))]

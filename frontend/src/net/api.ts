@@ -85,7 +85,13 @@ export function createApi(fetchImpl: FetchLike = (i, init) => fetch(i, init), ba
     },
     signIn: (token: string) => call<SessionInfo>("POST", "/api/auth/session", { token }),
     signOut: () => call<void>("DELETE", "/api/auth/session"),
-    conversations: () => call<ConversationList>("GET", "/api/conversations"),
+    conversations: (page: { before?: number; limit?: number } = {}) => {
+      const q = new URLSearchParams();
+      if (page.limit !== undefined) q.set("limit", String(page.limit));
+      if (page.before !== undefined) q.set("before", String(page.before));
+      const qs = q.toString();
+      return call<ConversationList>("GET", `/api/conversations${qs ? `?${qs}` : ""}`);
+    },
     messages: (id: string) => call<ConversationMessages>("GET", `/api/conversations/${encodeURIComponent(id)}/messages`),
     deleteConversation: (id: string) => call<void>("DELETE", `/api/conversations/${encodeURIComponent(id)}/messages`),
     renameConversation: (id: string, title: string) => call<{ id: string; title: string }>("PATCH", `/api/conversations/${encodeURIComponent(id)}`, { title }),

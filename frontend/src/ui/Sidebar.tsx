@@ -24,6 +24,8 @@ interface Props {
   onOpenConversation: (c: ConversationItem) => void;
   onDeleteConversation: (id: string) => void;
   onRenameConversation: (id: string) => void;
+  /** Set when the server has older conversations than those listed. */
+  onLoadOlderConversations?: () => void;
   onForgetRecent: (room: string) => void;
   children?: React.ReactNode;
 }
@@ -80,6 +82,11 @@ export function Sidebar(p: Props) {
           })}
           {p.conversations.length === 0 && <li className="hint">No conversations yet.</li>}
         </ul>
+        {p.onLoadOlderConversations && (
+          <button type="button" className="link older" onClick={p.onLoadOlderConversations} data-testid="older-conversations">
+            Show older conversations
+          </button>
+        )}
       </section>
 
       <section aria-labelledby="rooms-h">
