@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 
+import httpx
 from playwright.sync_api import expect
 from websockets.sync.client import connect
 from websockets.typing import Subprotocol
@@ -75,6 +76,12 @@ def test_more_conversations_than_a_page_show_on_request(ui: UI, jwt_server: Chat
             ws.send(json.dumps({"type": "join", "room": f"{user}-c{i:03}", "private": True}))
             while json.loads(ws.recv(timeout=30))["type"] != "joined":
                 pass
+    renamed = httpx.patch(  # one of the older ones gets a title to find it by
+        f"{jwt_server.url}/api/conversations/{user}-c010",
+        json={"title": "Quarterly budget notes"},
+        headers={"authorization": f"Bearer {token}"},
+    )
+    assert renamed.status_code == 200, renamed.text
     chat = ui.open("pager", server=jwt_server, connect=False)
     chat.by_id("signin-token").fill(token)
     chat.by_id("signin-submit").click()
@@ -88,4 +95,19 @@ def test_more_conversations_than_a_page_show_on_request(ui: UI, jwt_server: Chat
     labels = chat.by_id("rename-conversation").evaluate_all(
         "els => els.map((e) => e.getAttribute('aria-label'))"
     )  # untitled conversations are named by their ids: newest first, then the older page
-    assert labels == [f"Rename conversation {user}-c{i:03}" for i in reversed(range(103))]
+    names = [f"{user}-c{i:03}" for i in reversed(range(103))]
+    names[102 - 10] = "Quarterly budget notes"
+    assert labels == [f"Rename conversation {name}" for name in names]
+
+    # the filter keeps the conversations whose titles hold every word typed
+    box = chat.by_id("conversation-filter")
+    box.fill("BUDGET quarterly")
+    expect(items).to_have_count(1)
+    expect(items.first).to_contain_text("Quarterly budget notes")
+    box.fill("budget 2025")
+    expect(items).to_have_count(0)
+    expect(chat.page.locator(".sidebar .list li.hint")).to_have_text(
+        "No conversation titles match “budget 2025”."
+    )
+    box.fill("")
+    expect(items).to_have_count(103)

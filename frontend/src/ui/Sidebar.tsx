@@ -1,7 +1,7 @@
 import { useState, type FormEvent } from "react";
 import { ROOM_ID_PATTERN, type MemberInfo } from "../protocol";
 import type { ChatState } from "../state/chat";
-import { dateLabel } from "./format";
+import { dateLabel, FILTER_FROM, matchesFilter } from "./format";
 
 export interface ConversationItem {
   id: string;
@@ -33,6 +33,8 @@ interface Props {
 export function Sidebar(p: Props) {
   const [room, setRoom] = useState("");
   const [roomError, setRoomError] = useState<string | null>(null);
+  const [filter, setFilter] = useState("");
+  const shown = p.conversations.filter((c) => matchesFilter(c.title || "Untitled conversation", filter));
   const active = p.state.active ? p.state.rooms[p.state.active] : undefined;
   const joinedRooms = p.state.order.map((id) => p.state.rooms[id]!).filter((r) => r.kind === "room");
   const openConversations = new Set(p.state.order.filter((id) => p.state.rooms[id]!.kind === "conversation"));
@@ -60,8 +62,11 @@ export function Sidebar(p: Props) {
           </button>
         </div>
         {p.conversationsError && <p className="hint">{p.conversationsError}</p>}
+        {p.conversations.length >= FILTER_FROM && (
+          <input type="search" className="conv-filter" value={filter} onChange={(e) => setFilter(e.target.value)} placeholder="Filter conversations" aria-label="Filter conversations by title" data-testid="conversation-filter" />
+        )}
         <ul className="list">
-          {p.conversations.map((c) => {
+          {shown.map((c) => {
             const isActive = p.state.active === c.id;
             const unread = p.state.rooms[c.id]?.unread ?? 0;
             return (
@@ -81,6 +86,7 @@ export function Sidebar(p: Props) {
             );
           })}
           {p.conversations.length === 0 && <li className="hint">No conversations yet.</li>}
+          {p.conversations.length > 0 && shown.length === 0 && <li className="hint">No conversation titles match “{filter.trim()}”.</li>}
         </ul>
         {p.onLoadOlderConversations && (
           <button type="button" className="link older" onClick={p.onLoadOlderConversations} data-testid="older-conversations">

@@ -38,3 +38,16 @@ export function sourcePlace(s: SourceChunk): string {
   if (s.page !== null && s.page !== undefined) return `page ${s.page}`;
   return "";
 }
+
+/** Does a conversation's title hold every word of the filter (any order, any case, accents
+ * ignored)? An empty filter matches everything. */
+export function matchesFilter(title: string | null | undefined, filter: string): boolean {
+  const fold = (t: string) => t.normalize("NFKD").replace(/\p{M}+/gu, "").toLocaleLowerCase();
+  const words = fold(filter).split(/\s+/).filter(Boolean);
+  if (!words.length) return true;
+  const hay = fold(title ?? "");
+  return words.every((w) => hay.includes(w));
+}
+
+/** From this many conversations on, the list offers a filter. */
+export const FILTER_FROM = 6;
