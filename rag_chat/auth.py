@@ -28,6 +28,7 @@ import fnmatch
 import logging
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -444,7 +445,9 @@ class Access:
     async def rename(self, who: Principal, room: str, title: str) -> str:
         """Give ``who``'s private conversation ``room`` a title of their choosing (one line,
         at most TITLE_CHARS characters); returns it as kept. Anyone else's is 404."""
-        kept = " ".join(title.split())
+        # one line of text: control characters (NUL, escapes, bells) go, runs of space collapse
+        text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in title)
+        kept = " ".join(text.split())
         if not kept:
             raise BadRequest("the title is empty")
         if len(kept) > TITLE_CHARS:

@@ -274,6 +274,12 @@ def test_a_conversation_is_renamed_by_its_owner_alone(
 
         r = client.patch(
             f"/api/conversations/{conv}",
+            json={"title": "Bell\x07 and\x00NUL\x1b[31m"},
+            headers=bearer(alice),
+        )
+        assert r.json() == {"id": conv, "title": "Bell and NUL [31m"}  # control characters out
+        r = client.patch(
+            f"/api/conversations/{conv}",
             json={"title": "  Ports\tand \n servers  "},
             headers=bearer(alice),
         )
