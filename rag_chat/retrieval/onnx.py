@@ -12,13 +12,14 @@ Nothing is downloaded: the export reads the model folder only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,35 @@ def _atomic(target: Path, write: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    """The one-time export without the libraries' chatter on the terminal: transformers'
+    "Loading weights" bar, and ONNX Runtime's quantizer advice ("consider pre-processing"),
+    which it logs on the root logger — and ``logging.warning`` then gives a process with no
+    logging set up (the ingest CLI) a root handler of its own. Errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    root = logging.getLogger()
+    only_errors = _ErrorsOnly()
+    keep = logging.NullHandler()  # a handler already there: logging.warning adds none
+    root.addFilter(only_errors)
+    root.addHandler(keep)
+    try:
+        yield
+    finally:
+        root.removeHandler(keep)
+        root.removeFilter(only_errors)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def export(folder: Path, target: Path) -> None:
@@ -167,13 +197,15 @@ class OnnxEncoder:
         fp32 = cache_dir / f"{key}.onnx"
         if not fp32.is_file():
             log.info("exporting %s to ONNX (once): %s", folder.name, fp32)
-            export(folder, fp32)
+            with _quietly():
+                export(folder, fp32)
         path = fp32
         if quantize:
             path = cache_dir / f"{key}.int8.onnx"
             if not path.is_file():
                 log.info("quantising %s to int8 (once): %s", fp32.name, path)
-                quantize_int8(fp32, path)
+                with _quietly():
+                    quantize_int8(fp32, path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3

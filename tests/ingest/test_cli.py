@@ -323,3 +323,18 @@ def test_a_full_disk_or_a_bad_data_dir_is_one_line_and_the_next_run_finishes(
     assert r.returncode == 0, r.stderr
     assert len(landed(data)) == 40
     assert consistent(data)
+
+
+def test_the_first_run_prepares_the_model_without_noise(tmp_path: Path) -> None:
+    """The one-time ONNX export and int8 quantisation print nothing: no "Loading weights" bar,
+    no quantizer advice on the root logger — a user sees the summary and nothing else."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\nOne small document.")
+    models = tmp_path / "models"
+    env = {"RAG_EMBEDDING_CACHE_DIR": str(models)}
+    r = run_cli(["-m", "ingest", str(docs)], tmp_path / "state", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert r.stdout.startswith("files: 1 added"), r.stdout
+    assert sorted(p.suffix for p in models.iterdir()) == [".onnx", ".onnx"]  # fp32 and int8
