@@ -222,7 +222,10 @@ def test_nobody_reads_resumes_or_joins_someone_elses_conversation(
         listed = client.get("/api/conversations", headers=bearer(alice)).json()["conversations"]
         assert [c["id"] for c in listed] == [conv]
         assert listed[0]["title"] == "What is the default port?"
-        assert client.get("/api/conversations", headers=bearer(bob)).json() == {"conversations": []}
+        assert client.get("/api/conversations", headers=bearer(bob)).json() == {
+            "conversations": [],
+            "next_before": None,
+        }
 
         with client.websocket_connect("/ws", subprotocols=["rag_chat", f"bearer.{bob}"]) as ws:
             ws.send_json({"type": "join", "room": conv, "last_seq": 0})  # resume
