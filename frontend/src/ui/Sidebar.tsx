@@ -76,7 +76,7 @@ export function Sidebar(p: Props) {
                   <span className="item-meta">{dateLabel(c.updated_at)}</span>
                   {unread > 0 && <span className="unread" aria-label={`${unread} new`}>{unread}</span>}
                 </button>
-                <button type="button" className="icon" onClick={() => p.onRenameConversation(c.id)} aria-label={`Rename conversation ${c.title || c.id}`} title="Rename" data-testid="rename-conversation">
+                <button type="button" className="icon rename" onClick={() => p.onRenameConversation(c.id)} aria-label={`Rename conversation ${c.title || c.id}`} title="Rename" data-testid="rename-conversation">
                   ✎
                 </button>
                 <button type="button" className="icon" onClick={() => p.onDeleteConversation(c.id)} aria-label={`Delete conversation ${c.title || c.id}`} title="Delete">
