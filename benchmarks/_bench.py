@@ -148,8 +148,9 @@ def start_rag_chat(
         "RAG_MAX_REPLIES_PER_USER": "1000",  # the most the setting allows
         "RAG_MAX_CONNECTIONS_PER_USER": "100000",
         "RAG_GC_METRICS": "true",  # concurrency.py reports the server's GC pauses
-        # passed through, to measure the server with its searches in threads
-        **{k: v for k, v in os.environ.items() if k == "RAG_SEARCH_PROCESS"},
+        # passed through, to measure the server with its searches in threads, or with its
+        # search process at another niceness
+        **{k: v for k, v in os.environ.items() if k in ("RAG_SEARCH_PROCESS", "RAG_SEARCH_NICE")},
         **extra,
     }
     args = ["-m", "rag_chat", "--port", str(port), "--log-level", "warning"]
