@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from string import Template
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
@@ -45,32 +46,41 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# The two checks as fragments, so that the scripts built from them share one text: a sliding
+# window (its key, limit, window in ms, the new entry's id; $refused returns the wait) and a
+# lease set (its key, member, cap, ttl in ms; $refused / $taken return).
+_WINDOW = Template("""
+redis.call('ZREMRANGEBYSCORE', $key, '-inf', now - tonumber($window))
+if redis.call('ZCARD', $key) >= tonumber($limit) then
+  local oldest = redis.call('ZRANGE', $key, 0, 0, 'WITHSCORES')
+  local wait = math.max(1, tonumber(oldest[2]) + tonumber($window) - now)
+  return $refused
+end
+redis.call('ZADD', $key, now, $entry)
+redis.call('PEXPIRE', $key, $window)
+""")
+
+_LEASE = Template("""
+redis.call('ZREMRANGEBYSCORE', $key, '-inf', now)
+if not redis.call('ZSCORE', $key, $member)
+   and redis.call('ZCARD', $key) >= tonumber($cap) then
+  return $refused
+end
+redis.call('ZADD', $key, now + tonumber($ttl), $member)
+redis.call('PEXPIRE', $key, $ttl)
+return $taken
+""")
+
 _HIT = (
     _NOW
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return math.max(1, tonumber(oldest[2]) + tonumber(ARGV[2]) - now)
-end
-redis.call('ZADD', KEYS[1], now, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 0
-"""
+    + _WINDOW.substitute(
+        key="KEYS[1]", limit="ARGV[1]", window="ARGV[2]", entry="ARGV[3]", refused="wait"
+    )
+    + "return 0\n"
 )
 
-_ACQUIRE = (
-    _NOW
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1])
-   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
+_ACQUIRE = _NOW + _LEASE.substitute(
+    key="KEYS[1]", member="ARGV[1]", cap="ARGV[2]", ttl="ARGV[3]", refused="0", taken="1"
 )
 
 _REFRESH = (
@@ -84,28 +94,21 @@ return 1
 """
 )
 
-
 # a message that asks for an answer: the message counted (as _HIT) and the answer's lease
 # taken (as _ACQUIRE) in one round trip; {wait_ms, 1|0}, no lease taken when over the window
 _HIT_ACQUIRE = (
     _NOW
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {math.max(1, tonumber(oldest[2]) + tonumber(ARGV[2]) - now), 0}
-end
-redis.call('ZADD', KEYS[1], now, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if not redis.call('ZSCORE', KEYS[2], ARGV[4])
-   and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then
-  return {0, 0}
-end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
-return {0, 1}
-"""
+    + _WINDOW.substitute(
+        key="KEYS[1]", limit="ARGV[1]", window="ARGV[2]", entry="ARGV[3]", refused="{wait, 0}"
+    )
+    + _LEASE.substitute(
+        key="KEYS[2]",
+        member="ARGV[4]",
+        cap="ARGV[5]",
+        ttl="ARGV[6]",
+        refused="{0, 0}",
+        taken="{0, 1}",
+    )
 )
 
 
