@@ -41,6 +41,7 @@ class StoredMessage(TypedDict, total=False):
     unsupported: list[int]  # ... cited, but backing none of the sentences that cite them
     no_match: bool  # assistant turns: nothing relevant was found, the answer says so
     user: str  # rooms: who wrote it
+    reply_to: str  # assistant turns in rooms: the id of the message it answers
 
 
 @runtime_checkable
@@ -50,6 +51,12 @@ class Memory(Protocol):
     async def append(self, conversation_id: str, *messages: StoredMessage) -> None:
         """Append atomically (the batch lands together or not at all), keep the newest
         ``max_messages`` and restart the conversation's expiry."""
+        ...
+
+    async def replace(self, conversation_id: str, old_id: str, message: StoredMessage) -> bool:
+        """Put ``message`` where the message ``old_id`` is, atomically (a regenerated answer
+        takes its predecessor's place); appended like :meth:`append` when that one is gone.
+        True when it was found and replaced. The conversation's expiry restarts."""
         ...
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[StoredMessage]:

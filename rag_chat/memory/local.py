@@ -83,6 +83,23 @@ class LocalMemory:
             conversation.messages.extend(encoded)  # maxlen drops the oldest
             conversation.expires_at = now + self.ttl_seconds
 
+    async def replace(self, conversation_id: str, old_id: str, message: StoredMessage) -> bool:
+        check_conversation_id(conversation_id)
+        (encoded,) = encode_messages((message,))
+        with self._lock:
+            now = self._clock()
+            conversation = self._live(conversation_id, now)
+            if conversation is not None:
+                messages = conversation.messages
+                for i in range(len(messages) - 1, -1, -1):
+                    stored = decode_messages((messages[i],), conversation_id)
+                    if stored and stored[0].get("id") == old_id:
+                        messages[i] = encoded
+                        conversation.expires_at = now + self.ttl_seconds
+                        return True
+        await self.append(conversation_id, message)
+        return False
+
     async def history(self, conversation_id: str, limit: int | None = None) -> list[StoredMessage]:
         check_conversation_id(conversation_id)
         check_limit(limit)

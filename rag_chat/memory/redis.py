@@ -44,6 +44,25 @@ OPERATION_TIMEOUT_S = 5.0
 PING_TIMEOUT_S = 2.0
 
 
+# replace(): the message whose id is ARGV[1] (searched from the newest) becomes ARGV[2]; when
+# there is none, ARGV[2] is appended as append() would (newest ARGV[4] kept). Expiry ARGV[3].
+_REPLACE = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #items, 1, -1 do
+  local ok, m = pcall(cjson.decode, items[i])
+  if ok and type(m) == 'table' and m['id'] == ARGV[1] then
+    redis.call('LSET', KEYS[1], i - 1, ARGV[2])
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    return 1
+  end
+end
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[4]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 0
+"""
+
+
 class RedisMemory:
     kind: str = "redis"
 
@@ -65,6 +84,7 @@ class RedisMemory:
         self.prefix = prefix
         self.max_messages = max_messages
         self.ttl_seconds = ttl_seconds
+        self._replace = client.register_script(_REPLACE)
 
     @classmethod
     def from_url(
@@ -125,6 +145,15 @@ class RedisMemory:
             pipe.ltrim(key, -self.max_messages, -1)
             pipe.expire(key, self.ttl_seconds)
             await pipe.execute()
+
+    async def replace(self, conversation_id: str, old_id: str, message: StoredMessage) -> bool:
+        key = self.key(check_conversation_id(conversation_id))
+        (encoded,) = encode_messages((message,))
+        async with self._talking():
+            found = await self._replace(
+                keys=[key], args=[old_id, encoded, self.ttl_seconds, self.max_messages]
+            )
+        return bool(found)
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[StoredMessage]:
         key = self.key(check_conversation_id(conversation_id))

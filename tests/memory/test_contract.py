@@ -154,6 +154,31 @@ async def test_stored_copies_are_independent(memory: Memory) -> None:
     assert contents(await memory.history("c1")) == ["q"]
 
 
+async def test_replace_puts_a_message_in_anothers_place(memory: Memory) -> None:
+    await memory.append("c1", msg("q", id="q"), msg("old", "assistant", id="a1"), msg("later"))
+    found = await memory.replace("c1", "a1", msg("new", "assistant", id="a2", reply_to="q"))
+    assert found is True
+    history = await memory.history("c1")
+    assert contents(history) == ["q", "new", "later"]
+    assert (history[1]["id"], history[1]["reply_to"]) == ("a2", "q")
+    assert "created_at" in history[1]
+    # the one it names is gone: appended instead, like append()
+    assert await memory.replace("c1", "a1", msg("again", "assistant", id="a3")) is False
+    assert contents(await memory.history("c1")) == ["q", "new", "later", "again"]
+    # a conversation that expired or never was: it starts with the message
+    assert await memory.replace("c2", "x", msg("first", "assistant")) is False
+    assert contents(await memory.history("c2")) == ["first"]
+
+
+async def test_replace_keeps_the_cap(make_memory: MakeMemory) -> None:
+    memory = make_memory(max_messages=3)
+    await memory.append("c1", msg("1", id="m1"), msg("2", id="m2"), msg("3", id="m3"))
+    assert await memory.replace("c1", "m2", msg("two", id="n2")) is True
+    assert contents(await memory.history("c1")) == ["1", "two", "3"]
+    assert await memory.replace("c1", "gone", msg("4", id="m4")) is False
+    assert contents(await memory.history("c1")) == ["two", "3", "4"]
+
+
 async def test_history_limit_is_the_last_n(memory: Memory) -> None:
     await memory.append("c1", msg("1"), msg("2"), msg("3"), msg("4"))
     assert contents(await memory.history("c1", limit=2)) == ["3", "4"]
@@ -321,9 +346,14 @@ async def test_redis_skips_foreign_entries(
     memory = make_redis()
     await memory.append("c1", msg("q"))
     raw_redis.rpush(f"{redis_prefix}conv:c1", "not json", "[1, 2]")
-    await memory.append("c1", msg("a", "assistant"))
+    await memory.append("c1", msg("a", "assistant", id="a1"))
     assert contents(await memory.history("c1")) == ["q", "a"]
     assert "not a JSON object" in caplog.text
+    # replace() reads past them (its script decodes what it can)
+    raw_redis.rpush(f"{redis_prefix}conv:c1", "{broken")
+    assert await memory.replace("c1", "a1", msg("b", "assistant", id="a2")) is True
+    assert contents(await memory.history("c1")) == ["q", "b"]
+    assert raw_redis.llen(f"{redis_prefix}conv:c1") == 5
 
 
 async def test_redis_prefix_separates_instances(make_redis: MakeRedis) -> None:
