@@ -240,12 +240,17 @@ class Reply:
     received: float | None = None
     # the conversation's history, read while the question was still being written
     # (ChatService.prefetch_history); the question is left out of it either way
-    history_read: asyncio.Task[list[StoredMessage]] | None = None
+    history_read: asyncio.Future[list[StoredMessage]] | None = None
+    # a regenerated answer: the id of the answer it takes the place of (in ai.start, and in
+    # the conversation's memory once it is saved)
+    replaces: str | None = None
     # the question being written to the conversation's memory while the reply starts: the
     # answer is saved after it, so the memory keeps them in order
     question_saved: asyncio.Future[Any] | None = None
     _generation: Generation | None = None
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # its last event is out (set in the same step as it is handed on, before anyone can see it)
+    ended: bool = False
     # why it was cancelled, sent in ai.done: "user" (stop), "abandoned" (nobody left to read
     # it), "server_shutdown"
     cancel_reason: str | None = None
@@ -279,9 +284,13 @@ class Reply:
         in_flight = metrics.replies_in_flight
         in_flight.inc()
         try:
-            yield {"type": "ai.start", **base}
+            if self.replaces is None:
+                yield {"type": "ai.start", **base}
+            else:
+                yield {"type": "ai.start", **base, "replaces": self.replaces}
         except BaseException:  # closed or cancelled at its start
             in_flight.dec()
+            self.ended = True
             raise
         try:
             history = self.history
@@ -399,6 +408,7 @@ class Reply:
             yield {"type": "error", **base, "code": exc.code, "message": str(exc)}
         finally:
             in_flight.dec()
+            self.ended = True
 
     async def _dont_know(
         self,
@@ -463,12 +473,17 @@ class Reply:
             answer["unsupported"] = verdict.unsupported
         if no_match:
             answer["no_match"] = True
+        if self.question_id:
+            answer["reply_to"] = self.question_id
         messages = (answer,) if self.question_id else (user, answer)
         if self.question_saved is not None:
             # written or failed (its writer reports that), it is no longer on its way
             await asyncio.wait({self.question_saved})
         try:
-            await self.service.memory.append(self.conversation_id, *messages)
+            if self.replaces is not None:
+                await self.service.memory.replace(self.conversation_id, self.replaces, answer)
+            else:
+                await self.service.memory.append(self.conversation_id, *messages)
             return True
         except MemoryUnavailable as exc:
             log.warning("reply %s not saved: %s", self.message_id, exc)
@@ -594,8 +609,9 @@ class ChatService:
         max_tokens: int | None = None,
         question_id: str | None = None,
         received: float | None = None,
-        history_read: asyncio.Task[list[StoredMessage]] | None = None,
+        history_read: asyncio.Future[list[StoredMessage]] | None = None,
         question_saved: asyncio.Future[Any] | None = None,
+        replaces: str | None = None,
     ) -> Reply:
         text = (text or "").strip()
         if not text:
@@ -619,4 +635,5 @@ class ChatService:
             received=received,
             history_read=history_read,
             question_saved=question_saved,
+            replaces=replaces,
         )

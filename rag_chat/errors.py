@@ -38,6 +38,14 @@ class NotFound(RagChatError):
     status = 404
 
 
+class Conflict(RagChatError):
+    """The request is well formed but the state it needs is not there (any longer): e.g. a
+    regenerate of an answer that is no longer the latest."""
+
+    code = "conflict"
+    status = 409
+
+
 class NotJoined(RagChatError):
     code = "not_joined"
     status = 403

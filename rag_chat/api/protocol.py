@@ -67,6 +67,9 @@ class HistoryMessage(_Out):
         default=None, description="an answer's cited sources that do not support it"
     )
     no_match: bool | Absent = Field(default=None, description="an answer without sources")
+    reply_to: str | Absent = Field(
+        default=None, description="an answer in a room: the id of the message it answers"
+    )
 
 
 class Joined(_Out):
@@ -116,6 +119,10 @@ class AIEvent(RoomStamped):
 class AIStart(AIEvent):
     type: Literal["ai.start"]
     conversation_id: str
+    replaces: str | Absent = Field(
+        default=None,
+        description="a regenerated answer: the id of the answer it takes the place of",
+    )
 
 
 class AISources(AIEvent):

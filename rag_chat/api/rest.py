@@ -8,20 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from rag_chat.api.deps import Caller, SafeJSONResponse, client_host, principal
+from rag_chat.api.deps import Caller, ConversationId, SafeJSONResponse, client_host, principal
 from rag_chat.auth import COOKIE
 from rag_chat.errors import NotFound, RagChatError
 from rag_chat.services import Services
 
 router = APIRouter()
-ConversationId = Annotated[
-    str, PathParam(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-]
 
 
 def _services(request: Request) -> Services:

@@ -24,8 +24,8 @@ from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from rag_chat.api.deps import Caller, dumps
-from rag_chat.errors import BadRequest
+from rag_chat.api.deps import Caller, ConversationId, dumps
+from rag_chat.errors import BadRequest, Forbidden
 from rag_chat.rooms import Member
 from rag_chat.rooms.log import Event, RoomLog
 from rag_chat.services import Services
@@ -103,26 +103,75 @@ async def chat_sse(
 
     # a resume after the answer ended: replay what was missed, then end (nothing is coming)
     settled = resume is not None and not await _answer_open(rooms.log, room)
+    return EventSourceResponse(
+        _stream(services, member, room, queue, settled=settled), ping=HEARTBEAT_S
+    )
 
-    async def stream() -> AsyncIterator[dict[str, Any]]:
-        reply_id: str | None = None
-        try:
-            while True:
-                if settled and queue.empty():
-                    return
-                event = await queue.get()
-                services.metrics.observe("sse", event)
-                yield {"event": event["type"], "id": str(event["seq"]), "data": dumps(event)}
-                if event["type"] == "ai.start" and reply_id is None:
-                    reply_id = event["message_id"]
-                if event["type"] in ("ai.done", "error") and (
-                    reply_id is None or event.get("message_id") in (reply_id, None)
-                ):
-                    return
-        finally:
-            await rooms.leave(member, room)
 
-    return EventSourceResponse(stream(), ping=HEARTBEAT_S)
+class RegenerateIn(BaseModel):
+    message_id: str = Field(
+        min_length=1, max_length=128, description="the conversation's latest answer"
+    )
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/regenerate",
+    summary="Answer the question of a conversation's latest answer once more (SSE)",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "the event stream"}},
+)
+async def regenerate_sse(
+    conversation_id: ConversationId, body: RegenerateIn, request: Request, who: Caller
+) -> EventSourceResponse:
+    """The new answer streams like ``POST /api/chat``'s (its ``ai.start`` names the answer it
+    ``replaces``) and takes that one's place in the conversation once saved. ``409 conflict``
+    when ``message_id`` is not the latest answer or an answer is still streaming; a shared
+    room's answers are asked for again over the WebSocket."""
+    received = time.perf_counter()
+    services: Services = request.app.state.services
+    rooms = services.rooms
+    room = conversation_id
+    if await services.access.read(who, room) != "private":
+        raise Forbidden(f"{room!r} is a shared room: regenerate its answers over the WebSocket")
+    member = Member(uuid.uuid4().hex, who.user if who.authenticated else "sse", who.limit_key)
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    await rooms.join(member, room, await rooms.log.last_seq(room), queue.put_nowait)
+    try:
+        await rooms.regenerate(member, room, body.message_id, shared=False, received=received)
+    except BaseException:
+        await rooms.leave(member, room)
+        raise
+    services.metrics.messages.labels("sse").inc()
+    await queue.get()  # `joined`
+    return EventSourceResponse(_stream(services, member, room, queue), ping=HEARTBEAT_S)
+
+
+async def _stream(
+    services: Services,
+    member: Member,
+    room: str,
+    queue: asyncio.Queue[Event],
+    *,
+    settled: bool = False,
+) -> AsyncIterator[dict[str, Any]]:
+    """The room's events as SSE, up to the end of the first answer that starts (or, when
+    ``settled``, up to what was queued); the member leaves the room when it stops."""
+    reply_id: str | None = None
+    try:
+        while True:
+            if settled and queue.empty():
+                return
+            event = await queue.get()
+            services.metrics.observe("sse", event)
+            yield {"event": event["type"], "id": str(event["seq"]), "data": dumps(event)}
+            if event["type"] == "ai.start" and reply_id is None:
+                reply_id = event["message_id"]
+            if event["type"] in ("ai.done", "error") and (
+                reply_id is None or event.get("message_id") in (reply_id, None)
+            ):
+                return
+    finally:
+        await services.rooms.leave(member, room)
 
 
 async def _answer_open(log: RoomLog, room: str, window: int = 2000) -> bool:

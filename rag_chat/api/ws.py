@@ -4,7 +4,7 @@ One connection runs::
 
     handshake: Origin allowed? (else 403) ──► accept ──► token (cookie / subprotocol / header /
         first ``auth`` event; else 4401) ──► connection lease for the user (else 1008)
-    receive loop ──► validate ──► join/leave/typing/message/cancel ──► Access ──► Rooms (Redis)
+    receive loop ──► validate ──► join/leave/typing/message/cancel/regenerate ──► Access ──► Rooms
     room subscriptions (RoomHub) ──► deliver ──► nothing waiting before it and the socket can
         take it: straight out (the server's send_text_now) ──► else Outbox (bounded; tokens
         coalesce) ──► sender task ──► ASGI send (a frame not taken within SEND_TIMEOUT_S, or an
@@ -112,6 +112,14 @@ class CancelIn(_In):
     room: RoomId | None = None
 
 
+class RegenerateIn(_In):
+    """Answer the question of the room's latest answer (``message_id``) once more."""
+
+    type: Literal["regenerate"]
+    room: RoomId
+    message_id: str = Field(min_length=1, max_length=128)
+
+
 class PingIn(_In):
     type: Literal["ping"]
 
@@ -121,11 +129,11 @@ class AuthIn(_In):
     token: str = Field(min_length=1, max_length=8192)
 
 
-ClientEvent = JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | PingIn | AuthIn
+ClientEvent = JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | PingIn | AuthIn
 _client_event: TypeAdapter[ClientEvent] = TypeAdapter(
     Annotated[ClientEvent, Field(discriminator="type")]
 )
-_TAGS = {"join", "leave", "message", "typing", "cancel", "ping", "auth"}
+_TAGS = {"join", "leave", "message", "typing", "cancel", "regenerate", "ping", "auth"}
 
 
 def explain(exc: ValidationError) -> str:
@@ -514,6 +522,19 @@ class Connection:
                 self.error("not_joined", f"join room {room!r} first", event="cancel")
                 return
             await self.rooms.cancel(self.member, room, event.message_id)
+        elif isinstance(event, RegenerateIn):
+            if not self.rooms.is_member(self.member, event.room):
+                self.error("not_joined", f"join room {event.room!r} first", event="regenerate")
+                return
+            kind = await access.read(self.who, event.room)
+            await self.rooms.regenerate(
+                self.member,
+                event.room,
+                event.message_id,
+                shared=kind != "private",
+                received=received,
+            )
+            self.services.metrics.messages.labels("ws").inc()
         else:
             if event.room is not None:
                 if not self.rooms.is_member(self.member, event.room):

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rag_chat.chat import ChatService, Reply
-from rag_chat.errors import BadRequest, MemoryUnavailable, NotJoined
+from rag_chat.errors import BadRequest, Conflict, Forbidden, MemoryUnavailable, NotJoined
 from rag_chat.limits import Limits
-from rag_chat.memory import Memory
+from rag_chat.memory import Memory, StoredMessage
 from rag_chat.rooms.hub import RoomHub, Subscription
 from rag_chat.rooms.log import Event, RoomLog
 from rag_chat.rooms.presence import PRESENCE_TTL_S, Presence
@@ -46,6 +46,9 @@ WATCHDOG_S = 1.0
 UNREACHABLE_END_S = 120.0
 HISTORY_ON_JOIN = 50
 CLIENT_ID_TTL_S = 24 * 3600
+# how far back a regenerate looks for the question of the latest answer (other members'
+# messages may have come between them)
+REGENERATE_LOOKBACK = 50
 _ROOM = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _AI_MENTION = re.compile(r"(?:^|(?<=\s))@ai\b", re.IGNORECASE)
 
@@ -181,6 +184,21 @@ class ReplyWriter:
         inflight = self._inflight
         if inflight is not None and not inflight.done():
             inflight.cancel()
+
+
+def _question_of(history: list[StoredMessage]) -> tuple[int, StoredMessage] | None:
+    """The question the last message (an answer) replies to, and where it is: the one its
+    ``reply_to`` names, else (an answer saved before answers named it) the last user message
+    before it."""
+    answer = history[-1]
+    wanted = answer.get("reply_to")
+    for i in range(len(history) - 2, -1, -1):
+        message = history[i]
+        if message.get("role") != "user":
+            continue
+        if wanted is None or message.get("id") == wanted:
+            return i, message
+    return None
 
 
 class Rooms:
@@ -426,6 +444,70 @@ class Rooms:
             # the message is the caller's once it is remembered (or could not be: logged)
             await asyncio.shield(saved)
         return msg
+
+    async def regenerate(
+        self,
+        member: Member,
+        room: str,
+        message_id: str,
+        *,
+        shared: bool = True,
+        received: float | None = None,
+    ) -> Reply:
+        """Answer the question of ``message_id`` — the room's latest answer — once more.
+
+        The new answer streams like any other (its ``ai.start`` names the answer it
+        ``replaces``) and, once saved, takes the old one's place in the conversation's memory:
+        follow-ups and the history read on join see it alone. It is written from the history
+        before the question, as the first one was. In a ``shared`` room only whoever asked may ask
+        again (a private conversation is its owner's, checked by the caller); it counts as a
+        question for the rate limits. ``Conflict`` when the answer is not the latest or
+        an answer is still streaming in the room (on this instance), ``Forbidden`` for
+        someone else's question."""
+        if received is None:
+            received = time.perf_counter()
+        check_room(room)
+        if not self.is_member(member, room):
+            raise NotJoined(f"join room {room!r} first")
+        if any(r.conversation_id == room and not r.ended for r in self.replies.values()):
+            raise Conflict(f"an answer is still streaming in {room!r}: stop it or let it finish")
+        history = await self.memory.history(room, REGENERATE_LOOKBACK)
+        latest = history[-1] if history else None
+        if latest is None or latest.get("id") != message_id or latest.get("role") != "assistant":
+            raise Conflict(f"{message_id!r} is not the latest answer in {room!r}")
+        asked = _question_of(history)
+        if asked is None:
+            raise Conflict("the question of that answer is no longer in the conversation")
+        at, question_msg = asked
+        if shared and question_msg.get("user", member.user) != member.user:
+            raise Forbidden("only who asked the question can have it answered again")
+        text = question_msg.get("content", "")
+        question = _AI_MENTION.sub(" ", text).strip() or text
+        question_id = question_msg["id"]
+        who = member.limit_key
+        if self.limits is not None:
+            await self.limits.ask(who, question_id)
+        before: asyncio.Future[list[StoredMessage]] = asyncio.get_running_loop().create_future()
+        before.set_result(history[:at])
+        prefetch = self.chat.prefetch(question)
+        try:
+            reply = self.chat.start(
+                question,
+                room,
+                question_id=question_id,
+                prefetched=prefetch,
+                received=received,
+                history_read=before,
+                replaces=message_id,
+            )
+        except BaseException:
+            _cancel(prefetch)
+            if self.limits is not None:
+                await self.limits.reply_finished(who, question_id)
+            raise
+        self.replies[reply.message_id] = reply
+        self._spawn(self._run_reply(room, reply, question_id, who))
+        return reply
 
     async def _remember(self, member: Member, room: str, text: str, msg: Event) -> None:
         """The message in the conversation's memory (the history replies read); a failure

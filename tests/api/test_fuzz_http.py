@@ -218,6 +218,7 @@ def test_every_operation_is_in_the_schema() -> None:
         "GET /v1/models",
         "GET /api/conversations/{conversation_id}/messages",
         "DELETE /api/conversations/{conversation_id}/messages",
+        "POST /api/conversations/{conversation_id}/regenerate",
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",

@@ -52,9 +52,10 @@ BAD_PER_CONNECTION = 10  # well under the flood limit: the fuzzing itself must n
 RECV_TIMEOUT_S = 15.0  # the server answers a frame within this, or it is stuck
 REPLY_TIMEOUT_S = 60.0
 ROOM_RE = re.compile(r"[A-Za-z0-9_.:-]+")
-TAGS = ("join", "leave", "message", "typing", "cancel", "ping", "auth")
+TAGS = ("join", "leave", "message", "typing", "cancel", "regenerate", "ping", "auth")
 ERROR_CODES = {
     "bad_request",
+    "conflict",
     "not_found",
     "not_joined",
     "rate_limited",
@@ -410,6 +411,11 @@ SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
         {"message_id": ok_text},
         {"room": ok_room},
         {"message_id": bad_str(128, True), "room": bad_room(False)},
+    ),
+    "regenerate": (
+        {"room": ok_room, "message_id": ok_text},
+        {},
+        {"room": bad_room(True), "message_id": bad_str(128, True)},
     ),
     "auth": ({"token": ok_text}, {}, {"token": bad_str(8192, True)}),
 }
@@ -884,6 +890,12 @@ class RoomsMachine(RuleBasedStateMachine):
             event["room"] = room
             expect = None if room in self.joined else "error:not_joined"
         self.send_json(event, expect)
+
+    @rule(room=st.sampled_from(ROOMS + PRIVATE), n=st.integers(0, 99))
+    def regenerate_unknown(self, room: str, n: int) -> None:
+        # an id that is no answer: refused in one line (not the latest answer), or not joined
+        event = {"type": "regenerate", "room": room, "message_id": f"unknown-{n}"}
+        self.send_json(event, "error:conflict" if room in self.joined else "error:not_joined")
 
     @rule(n=st.integers(0, 1000))
     def cancel_a_reply(self, n: int) -> None:
