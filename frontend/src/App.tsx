@@ -234,6 +234,7 @@ export function App() {
   }, []);
 
   const onRetry = useCallback((m: ChatMessage) => state.active && actions.retry(state.active, m), [state.active, actions]);
+  const onRegenerate = useCallback((m: ChatMessage) => state.active && actions.regenerate(state.active, m.id), [state.active, actions]);
 
   if (auth.phase === "checking") {
     return (
@@ -356,6 +357,7 @@ export function App() {
               offline={offline}
               onOpenSource={setSource}
               onRetry={onRetry}
+              onRegenerate={onRegenerate}
               empty={
                 room.kind === "room" ? (
                   <p className="empty">{room.joined ? `No messages in #${room.id} yet. Mention @ai (or press AI) to ask the assistant.` : `Joining #${room.id}…`}</p>

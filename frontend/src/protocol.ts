@@ -55,6 +55,14 @@ export interface CancelOut {
   room?: string;
 }
 
+/** Answer the question of the room's latest answer (`message_id`) once more: the new answer's
+ * `ai.start` names the one it `replaces`. Only whoever asked may; it counts as a question. */
+export interface RegenerateOut {
+  type: "regenerate";
+  room: string;
+  message_id: string;
+}
+
 export interface PingOut {
   type: "ping";
 }
@@ -65,7 +73,7 @@ export interface AuthOut {
   token: string;
 }
 
-export type ClientEvent = JoinOut | LeaveOut | MessageOut | TypingOut | CancelOut | PingOut | AuthOut;
+export type ClientEvent = JoinOut | LeaveOut | MessageOut | TypingOut | CancelOut | RegenerateOut | PingOut | AuthOut;
 
 // ---------------------------------------------------------------------------------------
 // Server → client
@@ -116,6 +124,8 @@ export interface HistoryMessage {
   unsupported?: number[] | null;
   /** Nothing relevant was found: the answer says so, with no sources. */
   no_match?: boolean | null;
+  /** An answer in a room: the message it answers. */
+  reply_to?: string | null;
 }
 
 /** Not a log event: `joined` carries no seq (its `last_seq` is the log's head). */
@@ -161,6 +171,8 @@ interface AiBase extends RoomStamp {
 
 export interface AiStartEvent extends AiBase {
   type: "ai.start";
+  /** A regenerated answer: the answer it takes the place of. */
+  replaces?: string;
 }
 
 export interface AiSourcesEvent extends AiBase {
@@ -218,6 +230,7 @@ export type ErrorCode =
   | "not_joined"
   | "not_found"
   | "forbidden"
+  | "conflict"
   | "unauthorized"
   | "rate_limited"
   | "too_many_replies"

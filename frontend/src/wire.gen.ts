@@ -5,7 +5,7 @@
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "ClientEvent".
  */
-export type ClientEvent = (JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | PingIn | AuthIn)
+export type ClientEvent = (JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | PingIn | AuthIn)
 /**
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "ServerEvent".
@@ -140,6 +140,10 @@ export interface AIStart {
 conversation_id: string
 message_id: string
 /**
+ * a regenerated answer: the id of the answer it takes the place of
+ */
+replaces?: string
+/**
  * the id of the message it answers
  */
 reply_to?: string
@@ -242,6 +246,17 @@ state: ("start" | "stop")
 type: "typing"
 }
 /**
+ * Answer the question of the room's latest answer (``message_id``) once more.
+ * 
+ * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
+ * via the `definition` "RegenerateIn".
+ */
+export interface RegenerateIn {
+message_id: string
+room: string
+type: "regenerate"
+}
+/**
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "PingIn".
  */
@@ -300,6 +315,10 @@ no_match?: boolean
  * the retrieval query of an answer
  */
 query?: string
+/**
+ * an answer in a room: the id of the message it answers
+ */
+reply_to?: string
 role: ("user" | "assistant")
 /**
  * an answer's sources

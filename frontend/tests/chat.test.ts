@@ -2,6 +2,7 @@ import { describe, expect, it } from "vitest";
 import {
   initialState,
   reduce,
+  regenerable,
   streamingReplies,
   typingLine,
   typingUsers,
@@ -323,5 +324,66 @@ describe("reducer: private conversations", () => {
     expect(a).toMatchObject({ citations: [1], unsupported: [2] });
     expect(a!.noMatch).toBeUndefined();
     expect(b).toMatchObject({ citations: [], noMatch: true, sources: [] });
+  });
+});
+
+describe("regenerate: asking for the latest answer again", () => {
+  const done = (room: string, id: string) =>
+    ev(room, { type: "ai.done", message_id: id, conversation_id: room, user: "ai", finish_reason: "stop", usage: { prompt_tokens: 1, completion_tokens: 1 }, timings: {}, citations: [] });
+  const token = (room: string, id: string, delta: string) => ev(room, { type: "ai.token", message_id: id, user: "ai", delta });
+  const question = (room: string, id: string, user: string, text = "what port?") =>
+    ev(room, { type: "message", id, user, text, client_id: null, ai: true });
+  const start = (room: string, id: string, replyTo: string, replaces?: string) =>
+    ev(room, { type: "ai.start", message_id: id, conversation_id: room, reply_to: replyTo, user: "ai", ...(replaces ? { replaces } : {}) });
+
+  it("is offered on the latest finished answer to my question, and not while it streams", () => {
+    let s = joinedState("team");
+    s = run(s, srv(question("team", "q1", "alice")), srv(start("team", "a1", "q1")), srv(token("team", "a1", "8000")));
+    expect(regenerable(s.rooms.team)).toBeNull();
+    s = run(s, srv(done("team", "a1")));
+    expect(regenerable(s.rooms.team)).toBe("a1");
+    // someone wrote since: no longer the latest
+    s = run(s, srv(ev("team", { type: "message", id: "m2", user: "bob", text: "thanks", client_id: null, ai: false })));
+    expect(regenerable(s.rooms.team)).toBeNull();
+  });
+
+  it("is not offered for someone else's question in a room, always in a private conversation", () => {
+    let s = joinedState("team");
+    s = run(s, srv(question("team", "q1", "bob")), srv(start("team", "a1", "q1")), srv(done("team", "a1")));
+    expect(regenerable(s.rooms.team)).toBeNull();
+    seqs = {};
+    let c = run(initialState, { type: "open", room: "conv", kind: "conversation" });
+    c = run(
+      c,
+      srv(joined("conv", "guest-1", { history: [{ id: "u", role: "user", content: "q", created_at: 1 }, { id: "a", role: "assistant", content: "ans", created_at: 2, finish_reason: "stop", reply_to: "u" }] })),
+    );
+    expect(regenerable(c.rooms.conv)).toBe("a");
+  });
+
+  it("the new answer takes the old one's place and streams there", () => {
+    let s = joinedState("team");
+    s = run(s, srv(question("team", "q1", "alice")), srv(start("team", "a1", "q1")), srv(token("team", "a1", "old")), srv(done("team", "a1")));
+    s = run(s, srv(start("team", "a2", "q1", "a1")), srv(token("team", "a2", "new")));
+    expect(msgs(s, "team").map((m) => [m.id, m.text, m.streaming ?? false])).toEqual([
+      ["q1", "what port?", false],
+      ["a2", "new", true],
+    ]);
+    s = run(s, srv(done("team", "a2")));
+    expect(regenerable(s.rooms.team)).toBe("a2");
+  });
+
+  it("an answer it replaces that is not shown (joined later) just adds the new one", () => {
+    let s = joinedState("team");
+    s = run(s, srv(start("team", "a2", "q1", "a1")));
+    expect(msgs(s, "team").map((m) => m.id)).toEqual(["a2"]);
+  });
+
+  it("a refused regenerate is a notice in its room, and the answer stays as it was", () => {
+    let s = joinedState("team");
+    s = run(s, srv(question("team", "q1", "alice")), srv(start("team", "a1", "q1")), srv(token("team", "a1", "8000")), srv(done("team", "a1")));
+    s = run(s, srv({ type: "error", code: "conflict", message: "'a1' is not the latest answer in 'team'", event: "regenerate", room: "team", message_id: "a1" } as ServerEvent, 5000));
+    const a1 = msgs(s, "team")[1]!;
+    expect([a1.text, a1.finishReason, a1.error]).toEqual(["8000", "stop", undefined]);
+    expect(notices(s, "team").map((n) => [n.text, n.tone])).toEqual([["Could not answer again: 'a1' is not the latest answer in 'team'", "error"]]);
   });
 });

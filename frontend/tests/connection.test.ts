@@ -420,6 +420,21 @@ describe("outbox", () => {
     expect(last().types()).toEqual(["join"]);
   });
 
+  it("a regenerate goes out only live, for a joined room; offline nothing is queued", () => {
+    const c = make();
+    c.start();
+    last().open();
+    expect(c.regenerate("team", "a1")).toBe(false); // not joined
+    c.join("team");
+    expect(c.regenerate("team", "a1")).toBe(true);
+    expect(last().sent.filter((e) => e.type === "regenerate")).toEqual([{ type: "regenerate", room: "team", message_id: "a1" }]);
+    last().serverClose(1006);
+    expect(c.regenerate("team", "a1")).toBe(false);
+    clock.advance(60_000);
+    last().open();
+    expect(last().types()).toEqual(["join"]);
+  });
+
   it("typing is sent only live and only for joined rooms", () => {
     const c = make();
     c.join("team");

@@ -22,6 +22,7 @@ describe("wire types", () => {
       "leave",
       "message",
       "ping",
+      "regenerate",
       "typing",
     ]);
     expect(tags("ServerEvent")).toContain("ai.token");

@@ -1,6 +1,7 @@
 """A private conversation in the browser against the real model: the answer streams in with its
-sources, Stop cancels it in the backend, a dropped connection resumes the answer without a gap
-or a repeat, and an uploaded document is found by the next question.
+sources (then is copied, exported and regenerated), Stop cancels it in the backend, a dropped
+connection resumes the answer without a gap or a repeat, and an uploaded document is found by
+the next question.
 
 The embedded SmolLM2-135M answers poorly and rarely cites, so nothing here checks what an answer
 says: only that text streams, ends, and matches what the server stored.
@@ -136,6 +137,27 @@ def test_answer_streams_in_with_its_sources(ui: UI, chat_server: ChatServer) -> 
         n = int(citations.first.inner_text().strip("[]"))
         citations.first.click()
         check_source_panel(chat, next(s for s in sources if s["n"] == n))
+
+    # Regenerate: a new answer to the same question streams in the old one's place; the page
+    # and the server both keep the new one alone
+    regenerate = chat.ai(0).get_by_test_id("regenerate")
+    expect(regenerate).to_have_text("Regenerate")
+    regenerate.click()
+    expect(chat.ai(0)).not_to_have_attribute("data-message-id", message_id)
+    chat.wait_answer_done(0)
+    new_id = chat.ai(0).get_attribute("data-message-id")
+    assert new_id and new_id != message_id
+    sent = [(e["room"], e["message_id"]) for e in chat.sent("regenerate")]
+    assert sent == [(chat.conversation_id(), message_id)]
+    start = next(e for e in chat.recv("ai.start") if e["message_id"] == new_id)
+    assert start["replaces"] == message_id
+    expect(chat.page.locator(AI_MESSAGES)).to_have_count(1)
+    expect(chat.page.locator(USER_MESSAGES)).to_have_count(1)
+    again = stored_answer(chat_server, chat)
+    assert again["id"] == new_id
+    assert again["content"] == chat.streamed_text(new_id)
+    # the new answer is the latest: it may be asked for again
+    expect(chat.ai(0).get_by_test_id("regenerate")).to_have_count(1)
 
 
 def test_stop_cancels_the_reply_in_the_backend(ui: UI, chat_server: ChatServer) -> None:

@@ -159,6 +159,13 @@ export function useChat({ enabled, name, onAuthRequired }: ChatOptions) {
     for (const r of streamingReplies(room)) conn.cancel(r.id, room!.id);
   }, [conn]);
 
+  const regenerate = useCallback(
+    (roomId: string, messageId: string) => {
+      conn.regenerate(roomId, messageId);
+    },
+    [conn],
+  );
+
   const typing = useCallback(
     (roomId: string, st: "start" | "stop") => {
       if (stateRef.current.rooms[roomId]?.kind === "room") conn.typing(roomId, st);
@@ -170,8 +177,8 @@ export function useChat({ enabled, name, onAuthRequired }: ChatOptions) {
   const dismissBanner = useCallback(() => dispatch({ type: "banner", banner: null }), []);
 
   const actions = useMemo(
-    () => ({ joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, stop, typing, setMe, dismissBanner }),
-    [joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, stop, typing, setMe, dismissBanner],
+    () => ({ joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, stop, typing, setMe, dismissBanner }),
+    [joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, stop, typing, setMe, dismissBanner],
   );
 
   return { state, status, detail, actions, isTracking: (id: string) => conn.isTracking(id) };

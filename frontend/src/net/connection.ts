@@ -265,6 +265,14 @@ export class ChatConnection {
     if (this.socketOpen && this.rooms.has(room)) this.send({ type: "typing", room, state });
   }
 
+  /** Ask for the room's latest answer once more; only live (false while offline: nothing
+   * queued, the answer stays as it is). */
+  regenerate(room: string, messageId: string): boolean {
+    if (!this.socketOpen || !this.rooms.has(room)) return false;
+    this.send({ type: "regenerate", room, message_id: messageId });
+    return true;
+  }
+
   /** Stop an AI reply; queued while offline (the reply keeps running in its room meanwhile). */
   cancel(messageId: string, room?: string): void {
     const event: ClientEvent = room ? { type: "cancel", message_id: messageId, room } : { type: "cancel", message_id: messageId };

@@ -275,6 +275,10 @@ function onServer(state: ChatState, ev: ServerEvent, now: number): ChatState {
     case "error": {
       if (ev.room && state.rooms[ev.room]) {
         const room = state.rooms[ev.room]!;
+        if (ev.event === "regenerate") {
+          // refused: the answer it names stays as it was
+          return withRoom(state, addNotice(room, now / 1000, `Could not answer again: ${ev.message}`, "error", `err:regenerate:${now}`));
+        }
         if (ev.message_id) {
           return updateAi(state, room, ev.message_id, ev.ts, (m) => ({
             ...m,
@@ -343,7 +347,15 @@ function onServer(state: ChatState, ev: ServerEvent, now: number): ChatState {
     }
     case "ai.start": {
       if (findMessage(room, ev.message_id)) return withRoom(state, room);
-      return bump(state, { ...room, items: [...room.items, aiMessage(ev.message_id, ev.ts, ev.reply_to)] });
+      const fresh = aiMessage(ev.message_id, ev.ts, ev.reply_to);
+      // a regenerated answer takes the place of the one it replaces
+      const at = ev.replaces ? room.items.findIndex((it) => it.kind === "message" && it.id === ev.replaces) : -1;
+      if (at >= 0) {
+        const items = [...room.items];
+        items[at] = fresh;
+        return bump(state, { ...room, items });
+      }
+      return bump(state, { ...room, items: [...room.items, fresh] });
     }
     case "ai.sources":
       return updateAi(state, room, ev.message_id, ev.ts, (m) => ({ ...m, sources: ev.chunks ?? [], query: ev.query }));
@@ -446,6 +458,7 @@ export function fromHistory(h: HistoryMessage, me: string | null, kind: RoomKind
     const fr = h.finish_reason;
     msg.finishReason = fr === "stop" || fr === "length" || fr === "cancelled" || fr === "error" ? fr : "stop";
     msg.streaming = false;
+    if (typeof h.reply_to === "string") msg.replyTo = h.reply_to;
     if (Array.isArray(h.citations)) msg.citations = h.citations;
     if (Array.isArray(h.unsupported)) msg.unsupported = h.unsupported;
     if (h.no_match === true) msg.noMatch = true;
@@ -493,4 +506,30 @@ export function typingLine(users: string[]): string {
 export function streamingReplies(room: RoomState | undefined): ChatMessage[] {
   if (!room) return [];
   return room.items.filter((it): it is ChatMessage => it.kind === "message" && it.role === "ai" && Boolean(it.streaming));
+}
+
+/**
+ * The answer in a room that may be asked for again (`regenerate`), or null: the room's latest
+ * message, a finished answer, nothing streaming, and its question one of mine (in a private
+ * conversation every question is). The question is the one it replies to, else (an answer
+ * from history saved without `reply_to`) the last user message before it. The server checks
+ * the same.
+ */
+export function regenerable(room: RoomState | undefined): string | null {
+  if (!room) return null;
+  const messages = room.items.filter((it): it is ChatMessage => it.kind === "message");
+  const last = messages[messages.length - 1];
+  if (!last || last.role !== "ai" || last.streaming || !last.finishReason) return null;
+  if (messages.some((m) => m.streaming)) return null;
+  let question: ChatMessage | undefined;
+  for (let i = messages.length - 2; i >= 0; i--) {
+    const m = messages[i]!;
+    if (m.role !== "user") continue;
+    if (!last.replyTo || m.id === last.replyTo) {
+      question = m;
+      break;
+    }
+  }
+  if (!question) return null;
+  return room.kind === "conversation" || question.mine ? last.id : null;
 }

@@ -23,6 +23,8 @@ interface Props {
   offline: boolean;
   onOpenSource: (s: OpenSource) => void;
   onRetry: (m: ChatMessage) => void;
+  /** Given for the one answer that may be asked for again (the latest, of my question). */
+  onRegenerate?: (m: ChatMessage) => void;
 }
 
 function statusText(m: ChatMessage, offline: boolean): string | null {
@@ -31,7 +33,7 @@ function statusText(m: ChatMessage, offline: boolean): string | null {
   return null;
 }
 
-export const MessageView = memo(function MessageView({ msg, privateChat, offline, onOpenSource, onRetry }: Props) {
+export const MessageView = memo(function MessageView({ msg, privateChat, offline, onOpenSource, onRetry, onRegenerate }: Props) {
   const ai = msg.role === "ai";
   const sources = msg.sources ?? [];
   const t = timeOf(msg.ts);
@@ -83,6 +85,11 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
           </button>
         )}
         {ai && !msg.streaming && msg.text && <CopyButton text={msg.text} what="the answer" />}
+        {onRegenerate && (
+          <button type="button" className="link regenerate" data-testid="regenerate" title="Answer the same question once more (this answer is replaced)" onClick={() => onRegenerate(msg)}>
+            Regenerate
+          </button>
+        )}
       </header>
       {ai ? (
         <div className="answer" aria-live="polite" aria-busy={msg.streaming ? "true" : "false"}>

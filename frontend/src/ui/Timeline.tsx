@@ -1,6 +1,6 @@
 import { useCallback, useEffect, useLayoutEffect, useRef, useState } from "react";
 import { isNearBottom } from "../state/scroll";
-import type { ChatMessage, RoomState } from "../state/chat";
+import { regenerable, type ChatMessage, type RoomState } from "../state/chat";
 import { MessageView, type OpenSource } from "./MessageView";
 import { timeOf } from "./format";
 
@@ -9,6 +9,7 @@ interface Props {
   offline: boolean;
   onOpenSource: (s: OpenSource) => void;
   onRetry: (m: ChatMessage) => void;
+  onRegenerate: (m: ChatMessage) => void;
   empty: React.ReactNode;
 }
 
@@ -16,7 +17,8 @@ interface Props {
  * The messages of a room. Follows the stream while the reader is at the bottom; once they
  * scroll up it stays put and offers "Jump to latest".
  */
-export function Timeline({ room, offline, onOpenSource, onRetry, empty }: Props) {
+export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, empty }: Props) {
+  const again = offline ? null : regenerable(room);
   const box = useRef<HTMLDivElement>(null);
   const [stick, setStick] = useState(true);
   const stickRef = useRef(true);
@@ -85,7 +87,7 @@ export function Timeline({ room, offline, onOpenSource, onRetry, empty }: Props)
                 {timeOf(item.ts) && <time dateTime={timeOf(item.ts)!.iso}> · {timeOf(item.ts)!.short}</time>}
               </p>
             ) : (
-              <MessageView key={item.clientId ? `c:${item.clientId}` : item.id} msg={item} privateChat={room.kind === "conversation"} offline={offline} onOpenSource={onOpenSource} onRetry={onRetry} />
+              <MessageView key={item.clientId ? `c:${item.clientId}` : item.id} msg={item} privateChat={room.kind === "conversation"} offline={offline} onOpenSource={onOpenSource} onRetry={onRetry} onRegenerate={item.id === again ? onRegenerate : undefined} />
             ),
           )}
         </div>
