@@ -49,6 +49,8 @@ CLIENT_ID_TTL_S = 24 * 3600
 # how far back a regenerate looks for the question of the latest answer (other members'
 # messages may have come between them)
 REGENERATE_LOOKBACK = 50
+# … and how far back in the room's log it looks for an answer that was never saved
+REGENERATE_LOG_WINDOW = 2000
 _ROOM = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _AI_MENTION = re.compile(r"(?:^|(?<=\s))@ai\b", re.IGNORECASE)
 
@@ -459,11 +461,12 @@ class Rooms:
         The new answer streams like any other (its ``ai.start`` names the answer it
         ``replaces``) and, once saved, takes the old one's place in the conversation's memory:
         follow-ups and the history read on join see it alone. It is written from the history
-        before the question, as the first one was. In a ``shared`` room only whoever asked may ask
-        again (a private conversation is its owner's, checked by the caller); it counts as a
-        question for the rate limits. ``Conflict`` when the answer is not the latest or
-        an answer is still streaming in the room (on this instance), ``Forbidden`` for
-        someone else's question."""
+        before the question, as the first one was; an answer that failed before it was saved
+        (its question the latest message) may be asked for again too. In a ``shared`` room
+        only whoever asked may ask again (a private conversation is its owner's, checked by
+        the caller); it counts as a question for the rate limits. ``Conflict`` when the
+        answer is not the latest or an answer is still streaming in the room (on this
+        instance), ``Forbidden`` for someone else's question."""
         if received is None:
             received = time.perf_counter()
         check_room(room)
@@ -473,11 +476,21 @@ class Rooms:
             raise Conflict(f"an answer is still streaming in {room!r}: stop it or let it finish")
         history = await self.memory.history(room, REGENERATE_LOOKBACK)
         latest = history[-1] if history else None
-        if latest is None or latest.get("id") != message_id or latest.get("role") != "assistant":
-            raise Conflict(f"{message_id!r} is not the latest answer in {room!r}")
-        asked = _question_of(history)
+        asked: tuple[int, StoredMessage] | None = None
+        if latest is None:
+            pass
+        elif latest.get("role") == "assistant" and latest.get("id") == message_id:
+            asked = _question_of(history)
+            if asked is None:
+                raise Conflict("the question of that answer is no longer in the conversation")
+        elif latest.get("role") == "user" and latest.get("id") == await self._unsaved_reply_to(
+            room, message_id
+        ):
+            # an answer that failed before it was saved (retrieval failed, say): its question
+            # is the latest message, and the new answer is the first one saved
+            asked = (len(history) - 1, latest)
         if asked is None:
-            raise Conflict("the question of that answer is no longer in the conversation")
+            raise Conflict(f"{message_id!r} is not the latest answer in {room!r}")
         at, question_msg = asked
         if shared and question_msg.get("user", member.user) != member.user:
             raise Forbidden("only who asked the question can have it answered again")
@@ -508,6 +521,16 @@ class Rooms:
         self.replies[reply.message_id] = reply
         self._spawn(self._run_reply(room, reply, question_id, who))
         return reply
+
+    async def _unsaved_reply_to(self, room: str, message_id: str) -> str | None:
+        """What the answer ``message_id`` replied to, from the room's log (its ``ai.start``
+        among the last ``REGENERATE_LOG_WINDOW`` events): for an answer the memory never got."""
+        head = await self.log.last_seq(room)
+        for event in reversed(await self.log.since(room, max(0, head - REGENERATE_LOG_WINDOW))):
+            if event.get("type") == "ai.start" and event.get("message_id") == message_id:
+                reply_to = event.get("reply_to")
+                return reply_to if isinstance(reply_to, str) else None
+        return None
 
     async def _remember(self, member: Member, room: str, text: str, msg: Event) -> None:
         """The message in the conversation's memory (the history replies read); a failure

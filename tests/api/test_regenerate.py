@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
+from rag_chat.errors import RetrievalError
 from rag_chat.llm.fake import FakeLLM
 from rag_chat.settings import Settings
 
@@ -199,3 +200,41 @@ def test_over_sse_the_answer_streams_and_replaces_the_old_one(make_app: Any) -> 
         stored_after = client.get(f"/api/conversations/{conv}/messages").json()["messages"]
         assert stored_after == stored
     assert len(llm.calls) == 2
+
+
+def test_an_answer_that_failed_before_it_was_saved_can_be_asked_again(
+    make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm = FakeLLM()
+    llm.enqueue(["Port 8000."])
+    with TestClient(make_app(llm)) as client, client.websocket_connect("/ws") as ws:
+        chat = client.app.state.services.chat  # type: ignore[attr-defined]
+        real = chat.retrieve
+        failures = [RetrievalError("retrieval failed: the index is being rebuilt")]
+
+        async def retrieve(query: str, k: int | None = None) -> Any:
+            if failures:
+                raise failures.pop()
+            return await real(query, k)
+
+        monkeypatch.setattr(chat, "retrieve", retrieve)
+        ws.send_json({"type": "message", "conversation_id": "conv-failed", "text": "Which port?"})
+        question = until(ws, "message")
+        first = until(ws, "ai.start")
+        error = until(ws, "error", message_id=first["message_id"])
+        assert error["code"] == "retrieval_error"
+        stored = client.get("/api/conversations/conv-failed/messages").json()["messages"]
+        assert [m["id"] for m in stored] == [question["id"]]  # nothing of the answer saved
+
+        ws.send_json(regen("conv-failed", first["message_id"]))
+        second, text, done = answer(ws)
+        assert (second["replaces"], second["reply_to"]) == (first["message_id"], question["id"])
+        assert (text, done["type"], done["persisted"]) == ("Port 8000.", "ai.done", True)
+        stored = client.get("/api/conversations/conv-failed/messages").json()["messages"]
+        assert [(m["role"], m["content"]) for m in stored] == [
+            ("user", "Which port?"),
+            ("assistant", "Port 8000."),
+        ]
+        # an id that never answered anything here is still refused
+        ws.send_json(regen("conv-failed", "never-an-answer"))
+        assert until(ws, "error", event="regenerate")["code"] == "conflict"
