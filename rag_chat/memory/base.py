@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
 
 from rag_chat.errors import BadRequest, MemoryUnavailable
@@ -42,6 +42,7 @@ class StoredMessage(TypedDict, total=False):
     no_match: bool  # assistant turns: nothing relevant was found, the answer says so
     user: str  # rooms: who wrote it
     reply_to: str  # assistant turns in rooms: the id of the message it answers
+    feedback: dict[str, Any]  # assistant turns: rater -> {rating, comment?, at}
 
 
 @runtime_checkable
@@ -57,6 +58,18 @@ class Memory(Protocol):
         """Put ``message`` where the message ``old_id`` is, atomically (a regenerated answer
         takes its predecessor's place); appended like :meth:`append` when that one is gone.
         True when it was found and replaced. The conversation's expiry restarts."""
+        ...
+
+    async def update(
+        self,
+        conversation_id: str,
+        message_id: str,
+        change: Callable[[StoredMessage], StoredMessage],
+    ) -> StoredMessage | None:
+        """Replace the message ``message_id`` with ``change(message)`` where it is, as one
+        compare-and-set (a message changed meanwhile by someone else is read and changed
+        again); the stored result, or None when there is no such message. ``change`` may
+        raise to refuse (nothing is written). The conversation's expiry restarts."""
         ...
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[StoredMessage]:

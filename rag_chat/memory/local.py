@@ -100,6 +100,29 @@ class LocalMemory:
         await self.append(conversation_id, message)
         return False
 
+    async def update(
+        self,
+        conversation_id: str,
+        message_id: str,
+        change: Callable[[StoredMessage], StoredMessage],
+    ) -> StoredMessage | None:
+        check_conversation_id(conversation_id)
+        with self._lock:
+            now = self._clock()
+            conversation = self._live(conversation_id, now)
+            if conversation is None:
+                return None
+            messages = conversation.messages
+            for i in range(len(messages) - 1, -1, -1):
+                stored = decode_messages((messages[i],), conversation_id)
+                if stored and stored[0].get("id") == message_id:
+                    changed = change(stored[0])
+                    (encoded,) = encode_messages((changed,))
+                    messages[i] = encoded
+                    conversation.expires_at = now + self.ttl_seconds
+                    return decode_messages((encoded,), conversation_id)[0]
+        return None
+
     async def history(self, conversation_id: str, limit: int | None = None) -> list[StoredMessage]:
         check_conversation_id(conversation_id)
         check_limit(limit)

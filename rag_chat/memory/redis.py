@@ -8,7 +8,7 @@ lands whole and the cap and expiry are never out of step with the data.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
@@ -63,6 +63,17 @@ return 0
 """
 
 
+# update(): entry ARGV[1] becomes ARGV[3] if it is still ARGV[2] (compare-and-set)
+_SWAP = """
+if redis.call('LINDEX', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('LSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+# how many times update() reads and tries again when the message changed under it
+UPDATE_TRIES = 5
+
+
 class RedisMemory:
     kind: str = "redis"
 
@@ -85,6 +96,7 @@ class RedisMemory:
         self.max_messages = max_messages
         self.ttl_seconds = ttl_seconds
         self._replace = client.register_script(_REPLACE)
+        self._swap = client.register_script(_SWAP)
 
     @classmethod
     def from_url(
@@ -154,6 +166,29 @@ class RedisMemory:
                 keys=[key], args=[old_id, encoded, self.ttl_seconds, self.max_messages]
             )
         return bool(found)
+
+    async def update(
+        self,
+        conversation_id: str,
+        message_id: str,
+        change: Callable[[StoredMessage], StoredMessage],
+    ) -> StoredMessage | None:
+        key = self.key(check_conversation_id(conversation_id))
+        for _ in range(UPDATE_TRIES):
+            async with self._talking():
+                entries = await self._client.lrange(key, 0, -1)
+            raw = [e if isinstance(e, str) else e.decode("utf-8", "replace") for e in entries]
+            for i in range(len(raw) - 1, -1, -1):
+                stored = decode_messages((raw[i],), key)
+                if stored and stored[0].get("id") == message_id:
+                    break
+            else:
+                return None
+            (encoded,) = encode_messages((change(stored[0]),))
+            async with self._talking():
+                if await self._swap(keys=[key], args=[i, raw[i], encoded, self.ttl_seconds]):
+                    return decode_messages((encoded,), key)[0]
+        raise MemoryUnavailable(f"{key} kept changing while a message of it was updated")
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[StoredMessage]:
         key = self.key(check_conversation_id(conversation_id))

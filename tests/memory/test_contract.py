@@ -179,6 +179,44 @@ async def test_replace_keeps_the_cap(make_memory: MakeMemory) -> None:
     assert contents(await memory.history("c1")) == ["two", "3", "4"]
 
 
+async def test_update_changes_a_message_in_place(memory: Memory) -> None:
+    await memory.append("c1", msg("q", id="q"), msg("a", "assistant", id="a1"), msg("later"))
+    got = await memory.update("c1", "a1", lambda m: {**m, "feedback": {"alice": "up"}})
+    assert got is not None and got["feedback"] == {"alice": "up"} and got["content"] == "a"
+    history = await memory.history("c1")
+    assert contents(history) == ["q", "a", "later"]
+    assert history[1] == got
+    assert await memory.update("c1", "nope", lambda m: m) is None
+    assert await memory.update("c2", "a1", lambda m: m) is None
+
+
+async def test_update_refused_by_its_change_writes_nothing(memory: Memory) -> None:
+    await memory.append("c1", msg("q", id="q"))
+    before = await memory.history("c1")
+
+    def refuse(message: StoredMessage) -> StoredMessage:
+        raise ValueError("not an answer")
+
+    with pytest.raises(ValueError, match="not an answer"):
+        await memory.update("c1", "q", refuse)
+    assert await memory.history("c1") == before
+
+
+async def test_concurrent_updates_of_one_message_all_land(memory: Memory) -> None:
+    await memory.append("c1", msg("a", "assistant", id="a1"))
+
+    def add(name: str) -> Callable[[StoredMessage], StoredMessage]:
+        def change(message: StoredMessage) -> StoredMessage:
+            return {**message, "feedback": {**message.get("feedback", {}), name: "up"}}
+
+        return change
+
+    names = [f"user{i}" for i in range(4)]
+    await asyncio.gather(*(memory.update("c1", "a1", add(n)) for n in names))
+    (stored,) = await memory.history("c1")
+    assert sorted(stored["feedback"]) == names
+
+
 async def test_history_limit_is_the_last_n(memory: Memory) -> None:
     await memory.append("c1", msg("1"), msg("2"), msg("3"), msg("4"))
     assert contents(await memory.history("c1", limit=2)) == ["3", "4"]
