@@ -120,6 +120,12 @@ class Metrics:
         self.cancels = Counter(
             "rag_cancels_total", "Replies cancelled, by reason", ["reason"], registry=r
         )
+        self.feedback = Counter(
+            "rag_answer_feedback_total",
+            "Ratings given to answers (up, down) and taken back (cleared)",
+            ["rating"],
+            registry=r,
+        )
         self.resumes = Counter(
             "rag_resumes_total",
             "Resumes: WS join with last_seq, SSE Last-Event-ID",

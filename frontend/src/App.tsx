@@ -9,6 +9,7 @@ import { conversationMarkdown, exportFileName, hasMessages } from "./state/expor
 import { createStore } from "./state/storage";
 import { Composer } from "./ui/Composer";
 import type { OpenSource } from "./ui/MessageView";
+import type { Rating } from "./protocol";
 import { Sidebar, type ConversationItem } from "./ui/Sidebar";
 import { SignIn } from "./ui/SignIn";
 import { SourcePanel } from "./ui/SourcePanel";
@@ -235,6 +236,15 @@ export function App() {
 
   const onRetry = useCallback((m: ChatMessage) => state.active && actions.retry(state.active, m), [state.active, actions]);
   const onRegenerate = useCallback((m: ChatMessage) => state.active && actions.regenerate(state.active, m.id), [state.active, actions]);
+  const onRate = useCallback(
+    (m: ChatMessage, rating: Rating | null) => {
+      if (!state.active) return;
+      // a thumbs down asks what was wrong (optional: cancel or leave it empty)
+      const comment = rating === "down" ? (window.prompt("What was wrong with this answer? (optional)") ?? "") : "";
+      actions.rate(state.active, m.id, rating, comment.trim() || undefined);
+    },
+    [state.active, actions],
+  );
 
   if (auth.phase === "checking") {
     return (
@@ -358,6 +368,7 @@ export function App() {
               onOpenSource={setSource}
               onRetry={onRetry}
               onRegenerate={onRegenerate}
+              onRate={onRate}
               empty={
                 room.kind === "room" ? (
                   <p className="empty">{room.joined ? `No messages in #${room.id} yet. Mention @ai (or press AI) to ask the assistant.` : `Joining #${room.id}…`}</p>

@@ -63,6 +63,18 @@ export interface RegenerateOut {
   message_id: string;
 }
 
+export type Rating = "up" | "down";
+
+/** Rate an answer (one rating per user; a new one replaces yours); `rating: null` takes it back. */
+export interface RateOut {
+  type: "rate";
+  room: string;
+  message_id: string;
+  rating: Rating | null;
+  /** Kept as one line, at most 2000 characters. */
+  comment?: string;
+}
+
 export interface PingOut {
   type: "ping";
 }
@@ -73,7 +85,7 @@ export interface AuthOut {
   token: string;
 }
 
-export type ClientEvent = JoinOut | LeaveOut | MessageOut | TypingOut | CancelOut | RegenerateOut | PingOut | AuthOut;
+export type ClientEvent = JoinOut | LeaveOut | MessageOut | TypingOut | CancelOut | RegenerateOut | RateOut | PingOut | AuthOut;
 
 // ---------------------------------------------------------------------------------------
 // Server → client
@@ -126,6 +138,8 @@ export interface HistoryMessage {
   no_match?: boolean | null;
   /** An answer in a room: the message it answers. */
   reply_to?: string | null;
+  /** An answer's ratings, by who gave them. */
+  feedback?: Record<string, { rating: Rating; at: number; comment?: string }> | null;
 }
 
 /** Not a log event: `joined` carries no seq (its `last_seq` is the log's head). */
@@ -270,6 +284,15 @@ export interface PongEvent {
   type: "pong";
 }
 
+/** The answer to `rate`: your rating as kept (null: taken back). */
+export interface RatedEvent {
+  type: "rated";
+  room: string;
+  message_id: string;
+  rating: Rating | null;
+  comment?: string;
+}
+
 export type ServerEvent =
   | JoinedEvent
   | PresenceEvent
@@ -282,7 +305,8 @@ export type ServerEvent =
   | AiCancelEvent
   | ErrorEvent
   | LeftEvent
-  | PongEvent;
+  | PongEvent
+  | RatedEvent;
 
 export type ServerEventType = ServerEvent["type"];
 
@@ -299,6 +323,7 @@ export const SERVER_EVENT_TYPES: readonly ServerEventType[] = [
   "error",
   "left",
   "pong",
+  "rated",
 ];
 
 /** Parse one text frame; null for anything that is not a known event object. */

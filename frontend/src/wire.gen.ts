@@ -5,12 +5,12 @@
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "ClientEvent".
  */
-export type ClientEvent = (JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | PingIn | AuthIn)
+export type ClientEvent = (JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | RateIn | PingIn | AuthIn)
 /**
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "ServerEvent".
  */
-export type ServerEvent = (Joined | Presence | Message | Typing | AIStart | AISources | AIToken | AIDone | AICancel | Error | Left | Pong)
+export type ServerEvent = (Joined | Presence | Message | Typing | AIStart | AISources | AIToken | AIDone | AICancel | Error | Left | Pong | Rated)
 
 export interface RagChatWebSocketProtocol {
 [k: string]: unknown
@@ -257,6 +257,19 @@ room: string
 type: "regenerate"
 }
 /**
+ * Rate an answer (``up`` / ``down``, an optional comment); ``rating: null`` takes it back.
+ * 
+ * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
+ * via the `definition` "RateIn".
+ */
+export interface RateIn {
+comment?: string
+message_id: string
+rating: (("up" | "down") | null)
+room: string
+type: "rate"
+}
+/**
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "PingIn".
  */
@@ -296,6 +309,19 @@ type: "error"
 }
 /**
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
+ * via the `definition` "Feedback".
+ */
+export interface Feedback {
+/**
+ * unix seconds
+ */
+at: number
+comment?: string
+rating: ("up" | "down")
+[k: string]: unknown
+}
+/**
+ * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "HistoryMessage".
  */
 export interface HistoryMessage {
@@ -305,6 +331,12 @@ export interface HistoryMessage {
 citations?: number[]
 content: string
 created_at: number
+/**
+ * an answer's ratings, by who gave them
+ */
+feedback?: {
+[k: string]: Feedback
+}
 finish_reason?: string
 id: string
 /**
@@ -413,6 +445,20 @@ seq: number
 ts: number
 type: "presence"
 user: string
+[k: string]: unknown
+}
+/**
+ * The answer to ``rate``: the caller's rating as kept (null: taken back).
+ * 
+ * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
+ * via the `definition` "Rated".
+ */
+export interface Rated {
+comment?: string
+message_id: string
+rating: (("up" | "down") | null)
+room: string
+type: "rated"
 [k: string]: unknown
 }
 /**

@@ -387,3 +387,34 @@ describe("regenerate: asking for the latest answer again", () => {
     expect(notices(s, "team").map((n) => [n.text, n.tone])).toEqual([["Could not answer again: 'a1' is not the latest answer in 'team'", "error"]]);
   });
 });
+
+describe("ratings", () => {
+  it("rated sets my rating of the answer; null takes it back; unknown answers are ignored", () => {
+    let s = joinedState("team");
+    s = run(
+      s,
+      srv(ev("team", { type: "message", id: "q1", user: "alice", text: "port?", client_id: null, ai: true })),
+      srv(ev("team", { type: "ai.start", message_id: "a1", conversation_id: "team", reply_to: "q1", user: "ai" })),
+    );
+    s = run(s, srv({ type: "rated", room: "team", message_id: "a1", rating: "down", comment: "wrong" } as ServerEvent));
+    expect(msgs(s, "team")[1]!.rating).toBe("down");
+    s = run(s, srv({ type: "rated", room: "team", message_id: "a1", rating: null } as ServerEvent));
+    expect(msgs(s, "team")[1]!.rating).toBeNull();
+    const same = run(s, srv({ type: "rated", room: "team", message_id: "zz", rating: "up" } as ServerEvent));
+    expect(same).toBe(s);
+  });
+
+  it("history gives my rating, not someone else's", () => {
+    seqs = {};
+    const feedback = { alice: { rating: "up", at: 1 }, bob: { rating: "down", at: 2 } };
+    const s = run(
+      initialState,
+      { type: "open", room: "team", kind: "room" },
+      srv(joined("team", "alice", { history: [{ id: "a", role: "assistant", content: "x", created_at: 1, feedback }] })),
+      { type: "open", room: "other", kind: "room" },
+      srv(joined("other", "carol", { history: [{ id: "b", role: "assistant", content: "y", created_at: 1, feedback }] })),
+    );
+    expect(msgs(s, "team")[0]!.rating).toBe("up");
+    expect(msgs(s, "other")[0]!.rating).toBeUndefined();
+  });
+});

@@ -435,6 +435,21 @@ describe("outbox", () => {
     expect(last().types()).toEqual(["join"]);
   });
 
+  it("a rating goes out only live, for a joined room, its comment only when there is one", () => {
+    const c = make();
+    c.start();
+    last().open();
+    c.join("team");
+    expect(c.rate("team", "a1", "down", "wrong port")).toBe(true);
+    expect(c.rate("team", "a1", null)).toBe(true);
+    expect(last().sent.filter((e) => e.type === "rate")).toEqual([
+      { type: "rate", room: "team", message_id: "a1", rating: "down", comment: "wrong port" },
+      { type: "rate", room: "team", message_id: "a1", rating: null },
+    ]);
+    last().serverClose(1006);
+    expect(c.rate("team", "a1", "up")).toBe(false);
+  });
+
   it("typing is sent only live and only for joined rooms", () => {
     const c = make();
     c.join("team");

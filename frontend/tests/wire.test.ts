@@ -22,6 +22,7 @@ describe("wire types", () => {
       "leave",
       "message",
       "ping",
+      "rate",
       "regenerate",
       "typing",
     ]);

@@ -70,6 +70,9 @@ class HistoryMessage(_Out):
     reply_to: str | Absent = Field(
         default=None, description="an answer in a room: the id of the message it answers"
     )
+    feedback: dict[str, Feedback] | Absent = Field(
+        default=None, description="an answer's ratings, by who gave them"
+    )
 
 
 class Joined(_Out):
@@ -213,6 +216,22 @@ class Pong(_Out):
     type: Literal["pong"]
 
 
+class Feedback(_Out):
+    rating: Literal["up", "down"]
+    at: float = Field(description="unix seconds")
+    comment: str | Absent = Field(default=None)
+
+
+class Rated(_Out):
+    """The answer to ``rate``: the caller's rating as kept (null: taken back)."""
+
+    type: Literal["rated"]
+    room: str
+    message_id: str
+    rating: Literal["up", "down"] | None
+    comment: str | Absent = Field(default=None)
+
+
 ServerEvent = Annotated[
     Joined
     | Presence
@@ -225,7 +244,8 @@ ServerEvent = Annotated[
     | AICancel
     | Error
     | Left
-    | Pong,
+    | Pong
+    | Rated,
     Field(discriminator="type"),
 ]
 server_event: TypeAdapter[ServerEvent] = TypeAdapter(ServerEvent)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -124,6 +125,56 @@ async def get_messages(
     if not messages:
         raise NotFound(f"no conversation {conversation_id!r}")
     return {"conversation_id": conversation_id, "messages": messages}
+
+
+MessageId = Annotated[str, PathParam(min_length=1, max_length=128)]
+
+
+class FeedbackIn(BaseModel):
+    rating: Literal["up", "down"]
+    comment: str = Field(default="", max_length=2000, description="kept as one line")
+
+
+class FeedbackOut(BaseModel):
+    message_id: str
+    rating: Literal["up", "down"] | None
+    comment: str | None = None
+
+
+@router.put(
+    "/api/conversations/{conversation_id}/messages/{message_id}/feedback",
+    tags=["conversations"],
+    response_model=FeedbackOut,
+    response_model_exclude_none=True,
+)
+async def rate_answer(
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    body: FeedbackIn,
+    request: Request,
+    who: Caller,
+) -> FeedbackOut:
+    """Rate an answer of a conversation or room the caller may read: one rating per user
+    (a new one replaces theirs), kept with the answer and counted in /metrics."""
+    s = _services(request)
+    await s.access.read(who, conversation_id)
+    kept = await s.rooms.rate(conversation_id, message_id, who.user, body.rating, body.comment)
+    return FeedbackOut(message_id=message_id, **kept)
+
+
+@router.delete(
+    "/api/conversations/{conversation_id}/messages/{message_id}/feedback",
+    status_code=204,
+    tags=["conversations"],
+)
+async def unrate_answer(
+    conversation_id: ConversationId, message_id: MessageId, request: Request, who: Caller
+) -> Response:
+    """Take the caller's rating of an answer back."""
+    s = _services(request)
+    await s.access.read(who, conversation_id)
+    await s.rooms.rate(conversation_id, message_id, who.user, None)
+    return Response(status_code=204)
 
 
 class RenameIn(BaseModel):

@@ -4,7 +4,7 @@ One connection runs::
 
     handshake: Origin allowed? (else 403) ──► accept ──► token (cookie / subprotocol / header /
         first ``auth`` event; else 4401) ──► connection lease for the user (else 1008)
-    receive loop ──► validate ──► join/leave/typing/message/cancel/regenerate ──► Access ──► Rooms
+    receive loop ──► validate ──► join/leave/typing/message/cancel/regenerate/rate ──► Rooms
     room subscriptions (RoomHub) ──► deliver ──► nothing waiting before it and the socket can
         take it: straight out (the server's send_text_now) ──► else Outbox (bounded; tokens
         coalesce) ──► sender task ──► ASGI send (a frame not taken within SEND_TIMEOUT_S, or an
@@ -120,6 +120,16 @@ class RegenerateIn(_In):
     message_id: str = Field(min_length=1, max_length=128)
 
 
+class RateIn(_In):
+    """Rate an answer (``up`` / ``down``, an optional comment); ``rating: null`` takes it back."""
+
+    type: Literal["rate"]
+    room: RoomId
+    message_id: str = Field(min_length=1, max_length=128)
+    rating: Literal["up", "down"] | None
+    comment: str = Field(default="", max_length=2000)
+
+
 class PingIn(_In):
     type: Literal["ping"]
 
@@ -129,11 +139,13 @@ class AuthIn(_In):
     token: str = Field(min_length=1, max_length=8192)
 
 
-ClientEvent = JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | PingIn | AuthIn
+ClientEvent = (
+    JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | RateIn | PingIn | AuthIn
+)
 _client_event: TypeAdapter[ClientEvent] = TypeAdapter(
     Annotated[ClientEvent, Field(discriminator="type")]
 )
-_TAGS = {"join", "leave", "message", "typing", "cancel", "regenerate", "ping", "auth"}
+_TAGS = {"join", "leave", "message", "typing", "cancel", "regenerate", "rate", "ping", "auth"}
 
 
 def explain(exc: ValidationError) -> str:
@@ -522,6 +534,16 @@ class Connection:
                 self.error("not_joined", f"join room {room!r} first", event="cancel")
                 return
             await self.rooms.cancel(self.member, room, event.message_id)
+        elif isinstance(event, RateIn):
+            if not self.rooms.is_member(self.member, event.room):
+                self.error("not_joined", f"join room {event.room!r} first", event="rate")
+                return
+            kept = await self.rooms.rate(
+                event.room, event.message_id, self.member.user, event.rating, event.comment
+            )
+            self.deliver(
+                {"type": "rated", "room": event.room, "message_id": event.message_id, **kept}
+            )
         elif isinstance(event, RegenerateIn):
             if not self.rooms.is_member(self.member, event.room):
                 self.error("not_joined", f"join room {event.room!r} first", event="regenerate")

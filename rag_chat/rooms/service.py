@@ -24,13 +24,21 @@ import functools
 import logging
 import re
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from rag_chat.chat import ChatService, Reply
-from rag_chat.errors import BadRequest, Conflict, Forbidden, MemoryUnavailable, NotJoined
+from rag_chat.chat import ChatService, Reply, is_unicode
+from rag_chat.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    MemoryUnavailable,
+    NotFound,
+    NotJoined,
+)
 from rag_chat.limits import Limits
 from rag_chat.memory import Memory, StoredMessage
 from rag_chat.rooms.hub import RoomHub, Subscription
@@ -521,6 +529,51 @@ class Rooms:
         self.replies[reply.message_id] = reply
         self._spawn(self._run_reply(room, reply, question_id, who))
         return reply
+
+    async def rate(
+        self, room: str, message_id: str, rater: str, rating: str | None, comment: str = ""
+    ) -> dict[str, Any]:
+        """``rater``'s rating of the answer ``message_id`` (``up`` / ``down``, with an optional
+        comment, kept as one line; None takes it back), kept with the answer in the
+        conversation's memory (one per rater: a new one replaces theirs), counted in
+        ``rag_answer_feedback_total`` and logged for whoever reviews answers. Returns
+        ``{rating, comment?}`` as kept; ``NotFound`` when the memory has no such message,
+        ``BadRequest`` when it is not an answer."""
+        check_room(room)
+        if not is_unicode(comment):
+            raise BadRequest("comment is not valid Unicode text (a lone surrogate)")
+        text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in comment)
+        comment = " ".join(text.split())
+
+        def change(message: StoredMessage) -> StoredMessage:
+            if message.get("role") != "assistant":
+                raise BadRequest(f"{message_id!r} is not an answer: only answers are rated")
+            feedback = dict(message.get("feedback") or {})
+            if rating is None:
+                feedback.pop(rater, None)
+            else:
+                given: dict[str, Any] = {"rating": rating, "at": time.time()}
+                if comment:
+                    given["comment"] = comment
+                feedback[rater] = given
+            return {**message, "feedback": feedback}
+
+        updated = await self.memory.update(room, message_id, change)
+        if updated is None:
+            raise NotFound(f"no answer {message_id!r} in {room!r}")
+        kept: dict[str, Any] = {"rating": rating}
+        if rating is not None and comment:
+            kept["comment"] = comment
+        self.chat.metrics.feedback.labels(rating or "cleared").inc()
+        log.info(
+            "feedback %s on %s in %s by %s%s",
+            rating or "cleared",
+            message_id,
+            room,
+            rater,
+            f": {comment}" if comment else "",
+        )
+        return kept
 
     async def _unsaved_reply_to(self, room: str, message_id: str) -> str | None:
         """What the answer ``message_id`` replied to, from the room's log (its ``ai.start``

@@ -219,6 +219,8 @@ def test_every_operation_is_in_the_schema() -> None:
         "GET /api/conversations/{conversation_id}/messages",
         "DELETE /api/conversations/{conversation_id}/messages",
         "POST /api/conversations/{conversation_id}/regenerate",
+        "PUT /api/conversations/{conversation_id}/messages/{message_id}/feedback",
+        "DELETE /api/conversations/{conversation_id}/messages/{message_id}/feedback",
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",

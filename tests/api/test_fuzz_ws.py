@@ -52,7 +52,7 @@ BAD_PER_CONNECTION = 10  # well under the flood limit: the fuzzing itself must n
 RECV_TIMEOUT_S = 15.0  # the server answers a frame within this, or it is stuck
 REPLY_TIMEOUT_S = 60.0
 ROOM_RE = re.compile(r"[A-Za-z0-9_.:-]+")
-TAGS = ("join", "leave", "message", "typing", "cancel", "regenerate", "ping", "auth")
+TAGS = ("join", "leave", "message", "typing", "cancel", "regenerate", "rate", "ping", "auth")
 ERROR_CODES = {
     "bad_request",
     "conflict",
@@ -416,6 +416,16 @@ SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
         {"room": ok_room, "message_id": ok_text},
         {},
         {"room": bad_room(True), "message_id": bad_str(128, True)},
+    ),
+    "rate": (
+        {"room": ok_room, "message_id": ok_text, "rating": st.sampled_from(["up", "down", None])},
+        {"comment": ok_text.filter(lambda s: len(s) <= 2000)},
+        {
+            "room": bad_room(True),
+            "message_id": bad_str(128, True),
+            "rating": non_strings | nasty_text.filter(lambda s: s not in ("up", "down")),
+            "comment": over(2000) | non_strings,
+        },
     ),
     "auth": ({"token": ok_text}, {}, {"token": bad_str(8192, True)}),
 }
@@ -896,6 +906,11 @@ class RoomsMachine(RuleBasedStateMachine):
         # an id that is no answer: refused in one line (not the latest answer), or not joined
         event = {"type": "regenerate", "room": room, "message_id": f"unknown-{n}"}
         self.send_json(event, "error:conflict" if room in self.joined else "error:not_joined")
+
+    @rule(room=st.sampled_from(ROOMS + PRIVATE), n=st.integers(0, 99))
+    def rate_unknown(self, room: str, n: int) -> None:
+        event = {"type": "rate", "room": room, "message_id": f"unknown-{n}", "rating": "up"}
+        self.send_json(event, "error:not_found" if room in self.joined else "error:not_joined")
 
     @rule(n=st.integers(0, 1000))
     def cancel_a_reply(self, n: int) -> None:

@@ -1,5 +1,5 @@
 """A private conversation in the browser against the real model: the answer streams in with its
-sources (then is copied, exported and regenerated), Stop cancels it in the backend, a dropped
+sources (then is copied, exported, regenerated and rated), Stop cancels it in the backend, a dropped
 connection resumes the answer without a gap or a repeat, and an uploaded document is found by
 the next question.
 
@@ -158,6 +158,25 @@ def test_answer_streams_in_with_its_sources(ui: UI, chat_server: ChatServer) -> 
     assert again["content"] == chat.streamed_text(new_id)
     # the new answer is the latest: it may be asked for again
     expect(chat.ai(0).get_by_test_id("regenerate")).to_have_count(1)
+
+    # 👎 asks what was wrong, and the server keeps the rating and the comment with the answer
+    # (one per user: 👍 then replaces it; pressing it again takes it back)
+    down, up = chat.ai(0).get_by_test_id("rate-down"), chat.ai(0).get_by_test_id("rate-up")
+    chat.prompt_answers.append("  it missed\nthe PDF part ")
+    down.click()
+    expect(down).to_have_attribute("aria-pressed", "true")
+    expect(up).to_have_attribute("aria-pressed", "false")
+    assert chat.prompts[-1] == "What was wrong with this answer? (optional)"
+    (given,) = stored_answer(chat_server, chat)["feedback"].values()
+    assert (given["rating"], given["comment"]) == ("down", "it missed the PDF part")
+    up.click()
+    expect(up).to_have_attribute("aria-pressed", "true")
+    expect(down).to_have_attribute("aria-pressed", "false")
+    assert [f["rating"] for f in stored_answer(chat_server, chat)["feedback"].values()] == ["up"]
+    up.click()
+    expect(up).to_have_attribute("aria-pressed", "false")
+    assert stored_answer(chat_server, chat)["feedback"] == {}
+    assert chat_server.metric("rag_answer_feedback_total", rating="down") >= 1
 
 
 def test_stop_cancels_the_reply_in_the_backend(ui: UI, chat_server: ChatServer) -> None:

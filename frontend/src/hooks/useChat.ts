@@ -10,6 +10,7 @@ import {
   type StatusDetail,
 } from "../net/connection";
 import { newClientId, newConversationId } from "../net/ids";
+import type { Rating } from "../protocol";
 import { initialState, reduce, streamingReplies, type ChatMessage, type RoomKind } from "../state/chat";
 
 export function wsUrl(): string {
@@ -166,6 +167,13 @@ export function useChat({ enabled, name, onAuthRequired }: ChatOptions) {
     [conn],
   );
 
+  const rate = useCallback(
+    (roomId: string, messageId: string, rating: Rating | null, comment?: string) => {
+      conn.rate(roomId, messageId, rating, comment);
+    },
+    [conn],
+  );
+
   const typing = useCallback(
     (roomId: string, st: "start" | "stop") => {
       if (stateRef.current.rooms[roomId]?.kind === "room") conn.typing(roomId, st);
@@ -177,8 +185,8 @@ export function useChat({ enabled, name, onAuthRequired }: ChatOptions) {
   const dismissBanner = useCallback(() => dispatch({ type: "banner", banner: null }), []);
 
   const actions = useMemo(
-    () => ({ joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, stop, typing, setMe, dismissBanner }),
-    [joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, stop, typing, setMe, dismissBanner],
+    () => ({ joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, rate, stop, typing, setMe, dismissBanner }),
+    [joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, rate, stop, typing, setMe, dismissBanner],
   );
 
   return { state, status, detail, actions, isTracking: (id: string) => conn.isTracking(id) };

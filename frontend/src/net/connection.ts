@@ -24,6 +24,8 @@ import {
   stampOf,
   type ClientEvent,
   type MessageOut,
+  type Rating,
+  type RateOut,
   type ServerEvent,
   type TypingState,
 } from "../protocol";
@@ -270,6 +272,15 @@ export class ChatConnection {
   regenerate(room: string, messageId: string): boolean {
     if (!this.socketOpen || !this.rooms.has(room)) return false;
     this.send({ type: "regenerate", room, message_id: messageId });
+    return true;
+  }
+
+  /** Rate an answer; only live (false while offline: nothing queued). */
+  rate(room: string, messageId: string, rating: Rating | null, comment?: string): boolean {
+    if (!this.socketOpen || !this.rooms.has(room)) return false;
+    const event: RateOut = { type: "rate", room, message_id: messageId, rating };
+    if (comment) event.comment = comment;
+    this.send(event);
     return true;
   }
 

@@ -9,6 +9,7 @@ import type {
   AiDoneEvent,
   HistoryMessage,
   MemberInfo,
+  Rating,
   ServerEvent,
   SourceChunk,
   Timings,
@@ -53,6 +54,8 @@ export interface ChatMessage {
   error?: { code: string; message: string; partial: boolean };
   usage?: Usage;
   timings?: Timings;
+  /** My rating of an answer (as the server kept it). */
+  rating?: Rating | null;
 }
 
 export interface Notice {
@@ -261,6 +264,11 @@ function onServer(state: ChatState, ev: ServerEvent, now: number): ChatState {
     case "left": {
       return reduce(state, { type: "close", room: ev.room });
     }
+    case "rated": {
+      const room = state.rooms[ev.room];
+      if (!room || !findMessage(room, ev.message_id)) return state;
+      return updateAi(state, room, ev.message_id, undefined, (m) => ({ ...m, rating: ev.rating }));
+    }
     case "joined": {
       const room = state.rooms[ev.room] ?? newRoom(ev.room);
       return withRoom(state, {
@@ -459,6 +467,8 @@ export function fromHistory(h: HistoryMessage, me: string | null, kind: RoomKind
     msg.finishReason = fr === "stop" || fr === "length" || fr === "cancelled" || fr === "error" ? fr : "stop";
     msg.streaming = false;
     if (typeof h.reply_to === "string") msg.replyTo = h.reply_to;
+    const mine = me !== null ? h.feedback?.[me]?.rating : undefined;
+    if (mine === "up" || mine === "down") msg.rating = mine;
     if (Array.isArray(h.citations)) msg.citations = h.citations;
     if (Array.isArray(h.unsupported)) msg.unsupported = h.unsupported;
     if (h.no_match === true) msg.noMatch = true;

@@ -1,7 +1,7 @@
 import { memo, useCallback } from "react";
 import { citationsInMarkdown } from "../state/citations";
 import type { ChatMessage } from "../state/chat";
-import type { SourceChunk } from "../protocol";
+import type { Rating, SourceChunk } from "../protocol";
 import { CopyButton } from "./CopyButton";
 import { Markdown } from "./Markdown";
 import { fileName, sourcePlace, sourceTitle, timeOf } from "./format";
@@ -25,6 +25,8 @@ interface Props {
   onRetry: (m: ChatMessage) => void;
   /** Given for the one answer that may be asked for again (the latest, of my question). */
   onRegenerate?: (m: ChatMessage) => void;
+  /** Rate a finished answer (given while online). */
+  onRate?: (m: ChatMessage, rating: Rating | null) => void;
 }
 
 function statusText(m: ChatMessage, offline: boolean): string | null {
@@ -33,7 +35,7 @@ function statusText(m: ChatMessage, offline: boolean): string | null {
   return null;
 }
 
-export const MessageView = memo(function MessageView({ msg, privateChat, offline, onOpenSource, onRetry, onRegenerate }: Props) {
+export const MessageView = memo(function MessageView({ msg, privateChat, offline, onOpenSource, onRetry, onRegenerate, onRate }: Props) {
   const ai = msg.role === "ai";
   const sources = msg.sources ?? [];
   const t = timeOf(msg.ts);
@@ -85,6 +87,23 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
           </button>
         )}
         {ai && !msg.streaming && msg.text && <CopyButton text={msg.text} what="the answer" />}
+        {ai && onRate && !msg.streaming && msg.text && (
+          <span className="rate" role="group" aria-label="Rate this answer">
+            {(["up", "down"] as const).map((r) => (
+              <button
+                key={r}
+                type="button"
+                className="link rate-button"
+                data-testid={`rate-${r}`}
+                aria-pressed={msg.rating === r ? "true" : "false"}
+                title={msg.rating === r ? "Take your rating back" : r === "up" ? "A good answer" : "A bad answer (say what was wrong)"}
+                onClick={() => onRate(msg, msg.rating === r ? null : r)}
+              >
+                {r === "up" ? "👍" : "👎"}
+              </button>
+            ))}
+          </span>
+        )}
         {onRegenerate && (
           <button type="button" className="link regenerate" data-testid="regenerate" title="Answer the same question once more (this answer is replaced)" onClick={() => onRegenerate(msg)}>
             Regenerate

@@ -1,6 +1,7 @@
 import { useCallback, useEffect, useLayoutEffect, useRef, useState } from "react";
 import { isNearBottom } from "../state/scroll";
 import { regenerable, type ChatMessage, type RoomState } from "../state/chat";
+import type { Rating } from "../protocol";
 import { MessageView, type OpenSource } from "./MessageView";
 import { timeOf } from "./format";
 
@@ -10,6 +11,7 @@ interface Props {
   onOpenSource: (s: OpenSource) => void;
   onRetry: (m: ChatMessage) => void;
   onRegenerate: (m: ChatMessage) => void;
+  onRate: (m: ChatMessage, rating: Rating | null) => void;
   empty: React.ReactNode;
 }
 
@@ -17,7 +19,7 @@ interface Props {
  * The messages of a room. Follows the stream while the reader is at the bottom; once they
  * scroll up it stays put and offers "Jump to latest".
  */
-export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, empty }: Props) {
+export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, onRate, empty }: Props) {
   const again = offline ? null : regenerable(room);
   const box = useRef<HTMLDivElement>(null);
   const [stick, setStick] = useState(true);
@@ -87,7 +89,7 @@ export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, e
                 {timeOf(item.ts) && <time dateTime={timeOf(item.ts)!.iso}> · {timeOf(item.ts)!.short}</time>}
               </p>
             ) : (
-              <MessageView key={item.clientId ? `c:${item.clientId}` : item.id} msg={item} privateChat={room.kind === "conversation"} offline={offline} onOpenSource={onOpenSource} onRetry={onRetry} onRegenerate={item.id === again ? onRegenerate : undefined} />
+              <MessageView key={item.clientId ? `c:${item.clientId}` : item.id} msg={item} privateChat={room.kind === "conversation"} offline={offline} onOpenSource={onOpenSource} onRetry={onRetry} onRegenerate={item.id === again ? onRegenerate : undefined} onRate={offline ? undefined : onRate} />
             ),
           )}
         </div>
