@@ -500,6 +500,13 @@ class Connection:
 
         await self.rooms.join(self.member, room, last_seq, deliver)
 
+    def _joined(self, *, room: str, event: str) -> bool:
+        """Whether this connection is in ``room``; if not, a ``not_joined`` error says so."""
+        if self.rooms.is_member(self.member, room):
+            return True
+        self.error("not_joined", f"join room {room!r} first", event=event)
+        return False
+
     async def _dispatch(self, event: ClientEvent, received: float | None = None) -> None:
         access = self.services.access
         if isinstance(event, PingIn):
@@ -521,8 +528,7 @@ class Connection:
             await self.rooms.leave(self.member, event.room)
             self.deliver({"type": "left", "room": event.room})
         elif isinstance(event, TypingIn):
-            if not self.rooms.is_member(self.member, event.room):
-                self.error("not_joined", f"join room {event.room!r} first", event="typing")
+            if not self._joined(room=event.room, event="typing"):
                 return
             await self.rooms.typing(self.member, event.room, event.state)
         elif isinstance(event, CancelIn):
@@ -530,13 +536,11 @@ class Connection:
             if room is None:
                 self.error("not_found", f"no reply {event.message_id!r} in your rooms")
                 return
-            if not self.rooms.is_member(self.member, room):
-                self.error("not_joined", f"join room {room!r} first", event="cancel")
+            if not self._joined(room=room, event="cancel"):
                 return
             await self.rooms.cancel(self.member, room, event.message_id)
         elif isinstance(event, RateIn):
-            if not self.rooms.is_member(self.member, event.room):
-                self.error("not_joined", f"join room {event.room!r} first", event="rate")
+            if not self._joined(room=event.room, event="rate"):
                 return
             kept = await self.rooms.rate(
                 event.room, event.message_id, self.member.user, event.rating, event.comment
@@ -545,8 +549,7 @@ class Connection:
                 {"type": "rated", "room": event.room, "message_id": event.message_id, **kept}
             )
         elif isinstance(event, RegenerateIn):
-            if not self.rooms.is_member(self.member, event.room):
-                self.error("not_joined", f"join room {event.room!r} first", event="regenerate")
+            if not self._joined(room=event.room, event="regenerate"):
                 return
             kind = await access.read(self.who, event.room)
             await self.rooms.regenerate(
@@ -559,8 +562,7 @@ class Connection:
             self.services.metrics.messages.labels("ws").inc()
         else:
             if event.room is not None:
-                if not self.rooms.is_member(self.member, event.room):
-                    self.error("not_joined", f"join room {event.room!r} first", event="message")
+                if not self._joined(room=event.room, event="message"):
                     return
                 posted = await self.rooms.post(
                     self.member,
