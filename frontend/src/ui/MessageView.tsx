@@ -95,11 +95,12 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
                 type="button"
                 className="link rate-button"
                 data-testid={`rate-${r}`}
+                aria-label={r === "up" ? "Good answer" : "Bad answer"}
                 aria-pressed={msg.rating === r ? "true" : "false"}
                 title={msg.rating === r ? "Take your rating back" : r === "up" ? "A good answer" : "A bad answer (say what was wrong)"}
                 onClick={() => onRate(msg, msg.rating === r ? null : r)}
               >
-                {r === "up" ? "👍" : "👎"}
+                <Thumb down={r === "down"} />
               </button>
             ))}
           </span>
@@ -147,6 +148,22 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
     </article>
   );
 });
+
+/** A thumb up (or down): Feather's thumbs-up / thumbs-down icons (MIT), drawn inline so they
+ * need no emoji font (headless and minimal systems have none). */
+function Thumb({ down }: { down: boolean }) {
+  return (
+    <svg className="thumb" viewBox="0 0 24 24" width="14" height="14" aria-hidden="true" focusable="false">
+      <path
+        d={
+          down
+            ? "M10 15v4a3 3 0 0 0 3 3l4-9V2H5.72a2 2 0 0 0-2 1.7l-1.38 9a2 2 0 0 0 2 2.3zm7-13h2.67A2.31 2.31 0 0 1 22 4v7a2.31 2.31 0 0 1-2.33 2H17"
+            : "M14 9V5a3 3 0 0 0-3-3l-4 9v11h11.28a2 2 0 0 0 2-1.7l1.38-9a2 2 0 0 0-2-2.3zM7 22H4a2 2 0 0 1-2-2v-7a2 2 0 0 1 2-2h3"
+        }
+      />
+    </svg>
+  );
+}
 
 /**
  * How a source stands once the answer is checked: "cited" (it supports a sentence citing it),
