@@ -28,7 +28,6 @@ import fnmatch
 import logging
 import re
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +39,7 @@ from redis.exceptions import RedisError
 
 from rag_chat.errors import BadRequest, Forbidden, MemoryUnavailable, NotFound, Unauthorized
 from rag_chat.settings import Settings
+from rag_chat.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -445,9 +445,7 @@ class Access:
     async def rename(self, who: Principal, room: str, title: str) -> str:
         """Give ``who``'s private conversation ``room`` a title of their choosing (one line,
         at most TITLE_CHARS characters); returns it as kept. Anyone else's is 404."""
-        # one line of text: control characters (NUL, escapes, bells) go, runs of space collapse
-        text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in title)
-        kept = " ".join(text.split())
+        kept = one_line(title)
         if not kept:
             raise BadRequest("the title is empty")
         if len(kept) > TITLE_CHARS:

@@ -30,6 +30,7 @@ from rag_chat.llm import LLM, Generation, Message, Usage
 from rag_chat.memory import Memory, StoredMessage
 from rag_chat.metrics import Metrics
 from rag_chat.retrieval.store import Hit
+from rag_chat.text import is_unicode
 
 if TYPE_CHECKING:
     from rag_chat.retrieval.embedder import Embedder
@@ -82,15 +83,6 @@ _SOURCE_TAG = re.compile(r"</?\s*source\b", re.IGNORECASE)
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
-
-
-def is_unicode(text: str) -> bool:
-    """False for strings with lone UTF-16 surrogates (JSON escapes can make them)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def defuse(text: str) -> str:

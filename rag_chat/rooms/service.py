@@ -24,13 +24,12 @@ import functools
 import logging
 import re
 import time
-import unicodedata
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from rag_chat.chat import ChatService, Reply, is_unicode
+from rag_chat.chat import ChatService, Reply
 from rag_chat.errors import (
     BadRequest,
     Conflict,
@@ -44,6 +43,7 @@ from rag_chat.memory import Memory, StoredMessage
 from rag_chat.rooms.hub import RoomHub, Subscription
 from rag_chat.rooms.log import Event, RoomLog
 from rag_chat.rooms.presence import PRESENCE_TTL_S, Presence
+from rag_chat.text import is_unicode, one_line
 
 log = logging.getLogger(__name__)
 
@@ -542,8 +542,7 @@ class Rooms:
         check_room(room)
         if not is_unicode(comment):
             raise BadRequest("comment is not valid Unicode text (a lone surrogate)")
-        text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in comment)
-        comment = " ".join(text.split())
+        comment = one_line(comment)
 
         def change(message: StoredMessage) -> StoredMessage:
             if message.get("role") != "assistant":
