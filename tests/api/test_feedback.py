@@ -8,18 +8,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from starlette.testclient import WebSocketTestSession
 
 from rag_chat.llm.fake import FakeLLM
+from tests.api.wire import until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def until(ws: WebSocketTestSession, kind: str, **match: Any) -> dict[str, Any]:
-    while True:
-        event = ws.receive_json()
-        if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
-            return event
 
 
 def metric(client: TestClient, rating: str) -> float:

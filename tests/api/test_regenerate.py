@@ -13,15 +13,9 @@ from starlette.testclient import WebSocketTestSession
 from rag_chat.errors import RetrievalError
 from rag_chat.llm.fake import FakeLLM
 from rag_chat.settings import Settings
+from tests.api.wire import until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def until(ws: WebSocketTestSession, kind: str, **match: Any) -> dict[str, Any]:
-    while True:
-        event = ws.receive_json()
-        if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
-            return event
 
 
 def regen(room: str, message_id: str) -> dict[str, Any]:

@@ -11,22 +11,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from starlette.testclient import WebSocketTestSession
 
 from rag_chat.llm.fake import FakeLLM
 from rag_chat.rooms import LocalRoomLog, RedisRoomLog, RoomHub
 from rag_chat.rooms.log import Event, RoomLog
 from rag_chat.settings import Settings
+from tests.api.wire import until
 
 # a protocol bug shows as a receive that never returns: fail in bounded time
 pytestmark = pytest.mark.timeout(60)
-
-
-def until(ws: WebSocketTestSession, kind: str, **match: Any) -> dict[str, Any]:
-    while True:
-        event = ws.receive_json()
-        if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
-            return event
 
 
 def test_two_members_see_presence_messages_typing_and_the_ai(make_app: Any) -> None:
