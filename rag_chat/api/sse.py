@@ -32,6 +32,10 @@ from rag_chat.services import Services
 
 router = APIRouter()
 HEARTBEAT_S = 15
+# what the OpenAPI schema says an SSE route answers
+_STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "the event stream"}
+}
 
 
 class ChatIn(BaseModel):
@@ -52,7 +56,7 @@ class ChatIn(BaseModel):
     "/api/chat",
     summary="Ask a question; the answer streams as Server-Sent Events",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "the event stream"}},
+    responses=_STREAMED,
 )
 async def chat_sse(
     body: ChatIn,
@@ -118,7 +122,7 @@ class RegenerateIn(BaseModel):
     "/api/conversations/{conversation_id}/regenerate",
     summary="Answer the question of a conversation's latest answer once more (SSE)",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "the event stream"}},
+    responses=_STREAMED,
 )
 async def regenerate_sse(
     conversation_id: ConversationId, body: RegenerateIn, request: Request, who: Caller
