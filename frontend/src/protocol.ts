@@ -63,6 +63,18 @@ export interface RegenerateOut {
   message_id: string;
 }
 
+/** Change the text of your latest message (`message_id`); one that asks the AI (`ai`, an
+ * `@ai` mention, or it was answered) is answered again: `message.edited`, then the new answer,
+ * whose `ai.start` names the one it `replaces`. */
+export interface EditOut {
+  type: "edit";
+  room: string;
+  message_id: string;
+  /** 1-8000 characters. */
+  text: string;
+  ai?: boolean;
+}
+
 export type Rating = "up" | "down";
 
 /** Rate an answer (one rating per user; a new one replaces yours); `rating: null` takes it back. */
@@ -85,7 +97,7 @@ export interface AuthOut {
   token: string;
 }
 
-export type ClientEvent = JoinOut | LeaveOut | MessageOut | TypingOut | CancelOut | RegenerateOut | RateOut | PingOut | AuthOut;
+export type ClientEvent = JoinOut | LeaveOut | MessageOut | TypingOut | CancelOut | RegenerateOut | EditOut | RateOut | PingOut | AuthOut;
 
 // ---------------------------------------------------------------------------------------
 // Server → client
@@ -140,6 +152,8 @@ export interface HistoryMessage {
   reply_to?: string | null;
   /** An answer's ratings, by who gave them. */
   feedback?: Record<string, { rating: Rating; at: number; comment?: string }> | null;
+  /** A message its author edited: when (unix seconds). */
+  edited_at?: number | null;
 }
 
 /** Not a log event: `joined` carries no seq (its `last_seq` is the log's head). */
@@ -165,6 +179,15 @@ export interface ChatMessageEvent extends RoomStamp {
   user: string;
   text: string;
   client_id: string | null;
+  ai: boolean;
+}
+
+/** A message's new text (its author edited it); a new answer follows when `ai`. */
+export interface MessageEditedEvent extends RoomStamp {
+  type: "message.edited";
+  id: string;
+  user: string;
+  text: string;
   ai: boolean;
 }
 
@@ -297,6 +320,7 @@ export type ServerEvent =
   | JoinedEvent
   | PresenceEvent
   | ChatMessageEvent
+  | MessageEditedEvent
   | TypingEvent
   | AiStartEvent
   | AiSourcesEvent
@@ -314,6 +338,7 @@ export const SERVER_EVENT_TYPES: readonly ServerEventType[] = [
   "joined",
   "presence",
   "message",
+  "message.edited",
   "typing",
   "ai.start",
   "ai.sources",

@@ -5,12 +5,12 @@
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "ClientEvent".
  */
-export type ClientEvent = (JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | RateIn | PingIn | AuthIn)
+export type ClientEvent = (JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | EditIn | RateIn | PingIn | AuthIn)
 /**
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
  * via the `definition` "ServerEvent".
  */
-export type ServerEvent = (Joined | Presence | Message | Typing | AIStart | AISources | AIToken | AIDone | AICancel | Error | Left | Pong | Rated)
+export type ServerEvent = (Joined | Presence | Message | MessageEdited | Typing | AIStart | AISources | AIToken | AIDone | AICancel | Error | Left | Pong | Rated)
 
 export interface RagChatWebSocketProtocol {
 [k: string]: unknown
@@ -257,6 +257,19 @@ room: string
 type: "regenerate"
 }
 /**
+ * Change the text of one's latest message; one that asks the AI is answered again.
+ * 
+ * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
+ * via the `definition` "EditIn".
+ */
+export interface EditIn {
+ai?: boolean
+message_id: string
+room: string
+text: string
+type: "edit"
+}
+/**
  * Rate an answer (``up`` / ``down``, an optional comment); ``rating: null`` takes it back.
  * 
  * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
@@ -331,6 +344,10 @@ export interface HistoryMessage {
 citations?: number[]
 content: string
 created_at: number
+/**
+ * a message edited by its author: when (unix seconds)
+ */
+edited_at?: number
 /**
  * an answer's ratings, by who gave them
  */
@@ -416,6 +433,35 @@ text: string
  */
 ts: number
 type: "message"
+user: string
+[k: string]: unknown
+}
+/**
+ * A message's new text (its author edited it); an answer to it follows when ``ai``.
+ * 
+ * This interface was referenced by `RagChatWebSocketProtocol`'s JSON-Schema
+ * via the `definition` "MessageEdited".
+ */
+export interface MessageEdited {
+/**
+ * it asks the AI: a new answer follows, replacing the old
+ */
+ai: boolean
+/**
+ * the message edited
+ */
+id: string
+room: string
+/**
+ * room-wide, increasing
+ */
+seq: number
+text: string
+/**
+ * unix seconds
+ */
+ts: number
+type: "message.edited"
 user: string
 [k: string]: unknown
 }

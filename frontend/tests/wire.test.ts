@@ -18,6 +18,7 @@ describe("wire types", () => {
     expect(tags("ClientEvent")).toEqual([
       "auth",
       "cancel",
+      "edit",
       "join",
       "leave",
       "message",

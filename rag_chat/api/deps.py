@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover
 
 # a conversation (or room) id in a URL path
 ConversationId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+# a message's id in a URL path
+MessageId = Annotated[str, Path(min_length=1, max_length=128)]
 
 _ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 

@@ -70,6 +70,9 @@ class HistoryMessage(_Out):
     reply_to: str | Absent = Field(
         default=None, description="an answer in a room: the id of the message it answers"
     )
+    edited_at: float | Absent = Field(
+        default=None, description="a message edited by its author: when (unix seconds)"
+    )
     feedback: dict[str, Feedback] | Absent = Field(
         default=None, description="an answer's ratings, by who gave them"
     )
@@ -98,6 +101,16 @@ class Message(RoomStamped):
     text: str
     client_id: str | None
     ai: bool
+
+
+class MessageEdited(RoomStamped):
+    """A message's new text (its author edited it); an answer to it follows when ``ai``."""
+
+    type: Literal["message.edited"]
+    id: str = Field(description="the message edited")
+    user: str
+    text: str
+    ai: bool = Field(description="it asks the AI: a new answer follows, replacing the old")
 
 
 class Typing(RoomStamped):
@@ -236,6 +249,7 @@ ServerEvent = Annotated[
     Joined
     | Presence
     | Message
+    | MessageEdited
     | Typing
     | AIStart
     | AISources

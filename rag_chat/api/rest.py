@@ -8,12 +8,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from rag_chat.api.deps import Caller, ConversationId, SafeJSONResponse, client_host, principal
+from rag_chat.api.deps import (
+    Caller,
+    ConversationId,
+    MessageId,
+    SafeJSONResponse,
+    client_host,
+    principal,
+)
 from rag_chat.auth import COOKIE
 from rag_chat.errors import NotFound, RagChatError
 from rag_chat.services import Services
@@ -125,9 +131,6 @@ async def get_messages(
     if not messages:
         raise NotFound(f"no conversation {conversation_id!r}")
     return {"conversation_id": conversation_id, "messages": messages}
-
-
-MessageId = Annotated[str, PathParam(min_length=1, max_length=128)]
 
 
 class FeedbackIn(BaseModel):

@@ -17,16 +17,17 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from rag_chat.api.deps import Caller, ConversationId, dumps
+from rag_chat.api.deps import Caller, ConversationId, MessageId, dumps
+from rag_chat.auth import Principal
 from rag_chat.errors import BadRequest, Forbidden
-from rag_chat.rooms import Member
+from rag_chat.rooms import Member, Rooms
 from rag_chat.rooms.log import Event, RoomLog
 from rag_chat.services import Services
 
@@ -131,17 +132,74 @@ async def regenerate_sse(
     ``replaces``) and takes that one's place in the conversation once saved. ``409 conflict``
     when ``message_id`` is not the latest answer or an answer is still streaming; a shared
     room's answers are asked for again over the WebSocket."""
+    return await _answer_again(
+        request,
+        who,
+        conversation_id,
+        "regenerate its answers",
+        lambda rooms, member, received: rooms.regenerate(
+            member, conversation_id, body.message_id, shared=False, received=received
+        ),
+    )
+
+
+class EditIn(BaseModel):
+    message: str = Field(min_length=1, max_length=8000, description="the question's new text")
+
+
+@router.patch(
+    "/api/conversations/{conversation_id}/messages/{message_id}",
+    summary="Edit a conversation's latest question; its new answer streams as SSE",
+    response_class=EventSourceResponse,
+    responses=_STREAMED,
+)
+async def edit_sse(
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    body: EditIn,
+    request: Request,
+    who: Caller,
+) -> EventSourceResponse:
+    """The stream starts with ``message.edited`` (the new text, kept in the conversation),
+    then the new answer's events as ``POST /api/chat``'s (its ``ai.start`` names the answer it
+    ``replaces``). ``409 conflict`` when ``message_id`` is not the latest question or an
+    answer is still streaming; a shared room's messages are edited over the WebSocket."""
+    return await _answer_again(
+        request,
+        who,
+        conversation_id,
+        "edit its messages",
+        lambda rooms, member, received: rooms.edit(
+            member,
+            conversation_id,
+            message_id,
+            body.message,
+            shared=False,
+            ai=True,
+            received=received,
+        ),
+    )
+
+
+async def _answer_again(
+    request: Request,
+    who: Principal,
+    room: str,
+    what: str,
+    start: Callable[[Rooms, Member, float], Awaitable[Any]],
+) -> EventSourceResponse:
+    """The events of the answer ``start`` begins in the private conversation ``room``, from
+    a subscription taken before it (a shared room's are asked for over the WebSocket)."""
     received = time.perf_counter()
     services: Services = request.app.state.services
     rooms = services.rooms
-    room = conversation_id
     if await services.access.read(who, room) != "private":
-        raise Forbidden(f"{room!r} is a shared room: regenerate its answers over the WebSocket")
+        raise Forbidden(f"{room!r} is a shared room: {what} over the WebSocket")
     member = Member(uuid.uuid4().hex, who.user if who.authenticated else "sse", who.limit_key)
     queue: asyncio.Queue[Event] = asyncio.Queue()
     await rooms.join(member, room, await rooms.log.last_seq(room), queue.put_nowait)
     try:
-        await rooms.regenerate(member, room, body.message_id, shared=False, received=received)
+        await start(rooms, member, received)
     except BaseException:
         await rooms.leave(member, room)
         raise
@@ -185,7 +243,7 @@ async def _answer_open(log: RoomLog, room: str, window: int = 2000) -> bool:
     pending: set[str] = set()
     for event in await log.since(room, max(0, head - window)):
         kind = event.get("type")
-        if kind == "message" and event.get("ai"):
+        if kind in ("message", "message.edited") and event.get("ai"):
             pending.add(str(event.get("id")))
         elif kind == "ai.start":
             pending.discard(str(event.get("reply_to")))

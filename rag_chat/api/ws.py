@@ -4,7 +4,7 @@ One connection runs::
 
     handshake: Origin allowed? (else 403) ──► accept ──► token (cookie / subprotocol / header /
         first ``auth`` event; else 4401) ──► connection lease for the user (else 1008)
-    receive loop ──► validate ──► join/leave/typing/message/cancel/regenerate/rate ──► Rooms
+    receive loop ──► validate ──► join/leave/typing/message/cancel/regenerate/edit/rate ──► Rooms
     room subscriptions (RoomHub) ──► deliver ──► nothing waiting before it and the socket can
         take it: straight out (the server's send_text_now) ──► else Outbox (bounded; tokens
         coalesce) ──► sender task ──► ASGI send (a frame not taken within SEND_TIMEOUT_S, or an
@@ -120,6 +120,16 @@ class RegenerateIn(_In):
     message_id: str = Field(min_length=1, max_length=128)
 
 
+class EditIn(_In):
+    """Change the text of one's latest message; one that asks the AI is answered again."""
+
+    type: Literal["edit"]
+    room: RoomId
+    message_id: str = Field(min_length=1, max_length=128)
+    text: str = Field(min_length=1, max_length=8000)
+    ai: bool = False
+
+
 class RateIn(_In):
     """Rate an answer (``up`` / ``down``, an optional comment); ``rating: null`` takes it back."""
 
@@ -140,12 +150,32 @@ class AuthIn(_In):
 
 
 ClientEvent = (
-    JoinIn | LeaveIn | MessageIn | TypingIn | CancelIn | RegenerateIn | RateIn | PingIn | AuthIn
+    JoinIn
+    | LeaveIn
+    | MessageIn
+    | TypingIn
+    | CancelIn
+    | RegenerateIn
+    | EditIn
+    | RateIn
+    | PingIn
+    | AuthIn
 )
 _client_event: TypeAdapter[ClientEvent] = TypeAdapter(
     Annotated[ClientEvent, Field(discriminator="type")]
 )
-_TAGS = {"join", "leave", "message", "typing", "cancel", "regenerate", "rate", "ping", "auth"}
+_TAGS = {
+    "join",
+    "leave",
+    "message",
+    "typing",
+    "cancel",
+    "regenerate",
+    "edit",
+    "rate",
+    "ping",
+    "auth",
+}
 
 
 def explain(exc: ValidationError) -> str:
@@ -557,6 +587,20 @@ class Connection:
                 event.room,
                 event.message_id,
                 shared=kind != "private",
+                received=received,
+            )
+            self.services.metrics.messages.labels("ws").inc()
+        elif isinstance(event, EditIn):
+            if not self._joined(room=event.room, event="edit"):
+                return
+            private = await access.read(self.who, event.room) == "private"
+            await self.rooms.edit(
+                self.member,
+                event.room,
+                event.message_id,
+                event.text,
+                shared=not private,
+                ai=event.ai or private,  # a private conversation's messages always ask
                 received=received,
             )
             self.services.metrics.messages.labels("ws").inc()

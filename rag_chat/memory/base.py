@@ -43,6 +43,7 @@ class StoredMessage(TypedDict, total=False):
     user: str  # rooms: who wrote it
     reply_to: str  # assistant turns in rooms: the id of the message it answers
     feedback: dict[str, Any]  # assistant turns: rater -> {rating, comment?, at}
+    edited_at: float  # user turns edited by their author: when
 
 
 @runtime_checkable

@@ -502,14 +502,116 @@ class Rooms:
         at, question_msg = asked
         if shared and question_msg.get("user", member.user) != member.user:
             raise Forbidden("only who asked the question can have it answered again")
-        text = question_msg.get("content", "")
-        question = _AI_MENTION.sub(" ", text).strip() or text
-        question_id = question_msg["id"]
         who = member.limit_key
         if self.limits is not None:
-            await self.limits.ask(who, question_id)
+            await self.limits.ask(who, question_msg["id"])
+        return await self._answer(
+            member,
+            room,
+            question_msg.get("content", ""),
+            question_msg["id"],
+            history[:at],
+            replaces=message_id,
+            received=received,
+        )
+
+    async def edit(
+        self,
+        member: Member,
+        room: str,
+        message_id: str,
+        text: str,
+        *,
+        shared: bool = True,
+        ai: bool = False,
+        received: float | None = None,
+    ) -> Reply | None:
+        """Change the text of ``member``'s latest message ``message_id`` and, when it asks
+        the AI (``ai``, an @ai mention, or it was answered), answer it again.
+
+        The message may be followed only by its own answer and by other members' messages no
+        answer replies to (``Conflict`` otherwise: an edit rewrites the end of a
+        conversation, never its middle). Everyone in the room gets ``message.edited``; the
+        memory keeps the new text (with ``edited_at``), so follow-ups and a join's history see
+        it. The new answer is written from the history before the message and takes the old
+        answer's place (its ``ai.start`` ``replaces`` it), as a regenerate's does; it counts
+        as a question for the rate limits, an edit alone as a message. In a ``shared`` room
+        only its author may edit a message (``Forbidden``). Returns the new answer, or None."""
+        if received is None:
+            received = time.perf_counter()
+        check_room(room)
+        if not self.is_member(member, room):
+            raise NotJoined(f"join room {room!r} first")
+        history = await self.memory.history(room, REGENERATE_LOOKBACK)
+        at = next((i for i, m in enumerate(history) if m.get("id") == message_id), None)
+        if at is None:
+            raise NotFound(f"no message {message_id!r} among the latest in {room!r}")
+        original = history[at]
+        if original.get("role") != "user":
+            raise BadRequest(f"{message_id!r} is an answer: ask again with regenerate instead")
+        if shared and original.get("user", member.user) != member.user:
+            raise Forbidden("only who wrote a message can edit it")
+        if any(r.conversation_id == room and not r.ended for r in self.replies.values()):
+            raise Conflict(f"an answer is still streaming in {room!r}: stop it or let it finish")
+        answer: str | None = None
+        for later in history[at + 1 :]:
+            if later.get("role") == "assistant" and later.get("reply_to", message_id) == message_id:
+                answer = later.get("id")
+            elif later.get("role") == "assistant" or later.get("user") == original.get("user"):
+                raise Conflict(f"only the latest message can be edited; {message_id!r} is not")
+        if answer is None:  # an answer that failed before it was saved: the new one replaces it
+            answer = await self._unsaved_answer_to(room, message_id)
+        ask = ai or answer is not None or bool(_AI_MENTION.search(text))
+        who = member.limit_key
+        if self.limits is not None:
+            await (self.limits.ask(who, message_id) if ask else self.limits.message(who))
+        try:
+            edited_at = time.time()
+
+            def change(message: StoredMessage) -> StoredMessage:
+                if message.get("role") != "user":
+                    raise Conflict(f"{message_id!r} changed meanwhile")
+                return {**message, "content": text, "edited_at": edited_at}
+
+            if await self.memory.update(room, message_id, change) is None:
+                raise NotFound(f"no message {message_id!r} in {room!r}")
+            await self.log.append(
+                room,
+                {
+                    "type": "message.edited",
+                    "id": message_id,
+                    "user": original.get("user", member.user),
+                    "text": text,
+                    "ai": ask,
+                },
+            )
+        except BaseException:
+            if ask and self.limits is not None:
+                await self.limits.reply_finished(who, message_id)
+            raise
+        if not ask:
+            return None
+        return await self._answer(
+            member, room, text, message_id, history[:at], replaces=answer, received=received
+        )
+
+    async def _answer(
+        self,
+        member: Member,
+        room: str,
+        text: str,
+        question_id: str,
+        before_it: list[StoredMessage],
+        *,
+        replaces: str | None,
+        received: float,
+    ) -> Reply:
+        """An answer to the question ``question_id`` (its lease taken) written from the
+        history ``before_it``, taking the place of the answer ``replaces``."""
+        who = member.limit_key
+        question = _AI_MENTION.sub(" ", text).strip() or text
         before: asyncio.Future[list[StoredMessage]] = asyncio.get_running_loop().create_future()
-        before.set_result(history[:at])
+        before.set_result(before_it)
         prefetch = self.chat.prefetch(question)
         try:
             reply = self.chat.start(
@@ -519,7 +621,7 @@ class Rooms:
                 prefetched=prefetch,
                 received=received,
                 history_read=before,
-                replaces=message_id,
+                replaces=replaces,
             )
         except BaseException:
             _cancel(prefetch)
@@ -582,6 +684,16 @@ class Rooms:
             if event.get("type") == "ai.start" and event.get("message_id") == message_id:
                 reply_to = event.get("reply_to")
                 return reply_to if isinstance(reply_to, str) else None
+        return None
+
+    async def _unsaved_answer_to(self, room: str, question_id: str) -> str | None:
+        """The latest answer to ``question_id`` that started in the room's log (among its last
+        ``REGENERATE_LOG_WINDOW`` events): for an answer the memory never got."""
+        head = await self.log.last_seq(room)
+        for event in reversed(await self.log.since(room, max(0, head - REGENERATE_LOG_WINDOW))):
+            if event.get("type") == "ai.start" and event.get("reply_to") == question_id:
+                answer = event.get("message_id")
+                return answer if isinstance(answer, str) else None
         return None
 
     async def _remember(self, member: Member, room: str, text: str, msg: Event) -> None:

@@ -219,6 +219,7 @@ def test_every_operation_is_in_the_schema() -> None:
         "GET /api/conversations/{conversation_id}/messages",
         "DELETE /api/conversations/{conversation_id}/messages",
         "POST /api/conversations/{conversation_id}/regenerate",
+        "PATCH /api/conversations/{conversation_id}/messages/{message_id}",
         "PUT /api/conversations/{conversation_id}/messages/{message_id}/feedback",
         "DELETE /api/conversations/{conversation_id}/messages/{message_id}/feedback",
         "GET /healthz",

@@ -52,7 +52,18 @@ BAD_PER_CONNECTION = 10  # well under the flood limit: the fuzzing itself must n
 RECV_TIMEOUT_S = 15.0  # the server answers a frame within this, or it is stuck
 REPLY_TIMEOUT_S = 60.0
 ROOM_RE = re.compile(r"[A-Za-z0-9_.:-]+")
-TAGS = ("join", "leave", "message", "typing", "cancel", "regenerate", "rate", "ping", "auth")
+TAGS = (
+    "join",
+    "leave",
+    "message",
+    "typing",
+    "cancel",
+    "regenerate",
+    "edit",
+    "rate",
+    "ping",
+    "auth",
+)
 ERROR_CODES = {
     "bad_request",
     "conflict",
@@ -416,6 +427,16 @@ SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
         {"room": ok_room, "message_id": ok_text},
         {},
         {"room": bad_room(True), "message_id": bad_str(128, True)},
+    ),
+    "edit": (
+        {"room": ok_room, "message_id": ok_text, "text": ok_text},
+        {"ai": st.booleans()},
+        {
+            "room": bad_room(True),
+            "message_id": bad_str(128, True),
+            "text": bad_str(8000, True) | with_surrogate,
+            "ai": bad_bool,
+        },
     ),
     "rate": (
         {"room": ok_room, "message_id": ok_text, "rating": st.sampled_from(["up", "down", None])},
@@ -906,6 +927,12 @@ class RoomsMachine(RuleBasedStateMachine):
         # an id that is no answer: refused in one line (not the latest answer), or not joined
         event = {"type": "regenerate", "room": room, "message_id": f"unknown-{n}"}
         self.send_json(event, "error:conflict" if room in self.joined else "error:not_joined")
+
+    @rule(room=st.sampled_from(ROOMS + PRIVATE), n=st.integers(0, 99))
+    def edit_unknown(self, room: str, n: int) -> None:
+        # an id that is no message of the conversation: refused in one line, or not joined
+        event = {"type": "edit", "room": room, "message_id": f"unknown-{n}", "text": "typo"}
+        self.send_json(event, "error:not_found" if room in self.joined else "error:not_joined")
 
     @rule(room=st.sampled_from(ROOMS + PRIVATE), n=st.integers(0, 99))
     def rate_unknown(self, room: str, n: int) -> None:

@@ -3,37 +3,21 @@ memory, limits) and real retrieval; the FakeLLM scripts the answers and records 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from starlette.testclient import WebSocketTestSession
 
 from rag_chat.errors import RetrievalError
 from rag_chat.llm.fake import FakeLLM
 from rag_chat.settings import Settings
-from tests.api.wire import until
+from tests.api.wire import answer, sse, until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def regen(room: str, message_id: str) -> dict[str, Any]:
     return {"type": "regenerate", "room": room, "message_id": message_id}
-
-
-def answer(ws: WebSocketTestSession) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """The next answer: its ai.start, its text and its ai.done."""
-    start = until(ws, "ai.start")
-    text = ""
-    while True:
-        event = ws.receive_json()
-        if event.get("message_id") != start["message_id"]:
-            continue
-        if event["type"] == "ai.token":
-            text += event["delta"]
-        elif event["type"] in ("ai.done", "error"):
-            return start, text, event
 
 
 def test_the_new_answer_takes_the_old_ones_place(make_app: Any) -> None:
@@ -155,16 +139,6 @@ def test_regenerating_counts_as_a_question(make_app: Any, server_settings: Setti
         assert (error["code"], error["event"]) == ("rate_limited", "regenerate")
         assert error["retry_after"] > 0
     assert len(llm.calls) == 2
-
-
-def sse(client: TestClient, url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    events = []
-    with client.stream("POST", url, json=body) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[6:]))
-    return events
 
 
 def test_over_sse_the_answer_streams_and_replaces_the_old_one(make_app: Any) -> None:

@@ -1,9 +1,11 @@
-"""What the in-process WebSocket tests share."""
+"""What the in-process WebSocket and SSE tests share."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
 
@@ -13,3 +15,30 @@ def until(ws: WebSocketTestSession, kind: str, **match: Any) -> dict[str, Any]:
         event = ws.receive_json()
         if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
             return event
+
+
+def answer(ws: WebSocketTestSession) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """The next answer: its ai.start, its text and its ai.done (or error)."""
+    start = until(ws, "ai.start")
+    text = ""
+    while True:
+        event = ws.receive_json()
+        if event.get("message_id") != start["message_id"]:
+            continue
+        if event["type"] == "ai.token":
+            text += event["delta"]
+        elif event["type"] in ("ai.done", "error"):
+            return start, text, event
+
+
+def sse(
+    client: TestClient, url: str, body: dict[str, Any], method: str = "POST"
+) -> list[dict[str, Any]]:
+    """The events of an SSE response (200 expected), in order."""
+    events = []
+    with client.stream(method, url, json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return events
