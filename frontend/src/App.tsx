@@ -236,6 +236,7 @@ export function App() {
 
   const onRetry = useCallback((m: ChatMessage) => state.active && actions.retry(state.active, m), [state.active, actions]);
   const onRegenerate = useCallback((m: ChatMessage) => state.active && actions.regenerate(state.active, m.id), [state.active, actions]);
+  const onEdit = useCallback((m: ChatMessage, text: string) => Boolean(state.active) && actions.edit(state.active!, m.id, text, Boolean(m.askedAi)), [state.active, actions]);
   const onRate = useCallback(
     (m: ChatMessage, rating: Rating | null) => {
       if (!state.active) return;
@@ -368,6 +369,7 @@ export function App() {
               onOpenSource={setSource}
               onRetry={onRetry}
               onRegenerate={onRegenerate}
+              onEdit={onEdit}
               onRate={onRate}
               empty={
                 room.kind === "room" ? (

@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
 import {
+  editable,
   initialState,
   reduce,
   regenerable,
@@ -385,6 +386,57 @@ describe("regenerate: asking for the latest answer again", () => {
     const a1 = msgs(s, "team")[1]!;
     expect([a1.text, a1.finishReason, a1.error]).toEqual(["8000", "stop", undefined]);
     expect(notices(s, "team").map((n) => [n.text, n.tone])).toEqual([["Could not answer again: 'a1' is not the latest answer in 'team'", "error"]]);
+  });
+});
+
+describe("edit: changing my latest message", () => {
+  const question = (room: string, id: string, user: string, text = "what port?", ai = true) =>
+    ev(room, { type: "message", id, user, text, client_id: null, ai });
+  const start = (room: string, id: string, replyTo: string, replaces?: string) =>
+    ev(room, { type: "ai.start", message_id: id, conversation_id: room, reply_to: replyTo, user: "ai", ...(replaces ? { replaces } : {}) });
+  const done = (room: string, id: string) =>
+    ev(room, { type: "ai.done", message_id: id, conversation_id: room, user: "ai", finish_reason: "stop", usage: { prompt_tokens: 1, completion_tokens: 1 }, timings: {}, citations: [] });
+  const edited = (room: string, id: string, user: string, text: string, ai: boolean) => ev(room, { type: "message.edited", id, user, text, ai });
+
+  it("is offered on my latest message once its answer is done; others' later messages do not stop it", () => {
+    let s = joinedState("team");
+    s = run(s, srv(question("team", "q1", "alice")), srv(start("team", "a1", "q1")));
+    expect(editable(s.rooms.team)).toBeNull(); // streaming
+    s = run(s, srv(done("team", "a1")));
+    expect(editable(s.rooms.team)).toBe("q1");
+    s = run(s, srv(question("team", "m2", "bob", "thanks", false)));
+    expect(editable(s.rooms.team)).toBe("q1");
+    // bob asked the AI and got an answer: the conversation moved on
+    s = run(s, srv(start("team", "a2", "m2")), srv(done("team", "a2")));
+    expect(editable(s.rooms.team)).toBeNull();
+    // my newer message is the one to edit, never someone else's
+    s = run(s, srv(question("team", "m3", "alice", "ok", false)));
+    expect(editable(s.rooms.team)).toBe("m3");
+    s = run(s, srv(question("team", "m4", "bob", "hi", false)));
+    expect(editable(s.rooms.team)).toBe("m3");
+  });
+
+  it("message.edited changes the text where it is and marks it edited; the new answer replaces the old", () => {
+    let s = joinedState("team");
+    s = run(s, srv(question("team", "q1", "alice")), srv(start("team", "a1", "q1")), srv(done("team", "a1")));
+    s = run(s, srv(edited("team", "q1", "alice", "which port does Redis use?", true)), srv(start("team", "a2", "q1", "a1")));
+    const [q, a] = msgs(s, "team");
+    expect([q!.id, q!.text, q!.editedAt, q!.askedAi]).toEqual(["q1", "which port does Redis use?", 1_700_000_004, true]);
+    expect([msgs(s, "team").length, a!.id, a!.streaming]).toEqual([2, "a2", true]);
+    // an edit of a message not shown is ignored
+    const before = s;
+    s = run(s, srv(edited("team", "nope", "bob", "x", false)));
+    expect(msgs(s, "team")).toEqual(msgs(before, "team"));
+  });
+
+  it("history shows an edit, also of a message already on the page; a refused edit is a notice", () => {
+    let s = joinedState("team");
+    s = run(s, srv(question("team", "q1", "alice", "helo", false)));
+    s = run(s, srv(joined("team", "alice", { history: [{ id: "q1", role: "user", content: "hello", user: "alice", created_at: 1, edited_at: 9 }] })));
+    expect(msgs(s, "team").map((m) => [m.id, m.text, m.editedAt])).toEqual([["q1", "hello", 9]]);
+    s = run(s, srv({ type: "error", code: "conflict", message: "only the latest message can be edited; 'q1' is not", event: "edit", room: "team", message_id: "q1" } as ServerEvent, 5000));
+    expect(msgs(s, "team")[0]!.text).toBe("hello");
+    expect(notices(s, "team").map((n) => n.text)).toEqual(["Could not edit: only the latest message can be edited; 'q1' is not"]);
   });
 });
 

@@ -435,6 +435,21 @@ describe("outbox", () => {
     expect(last().types()).toEqual(["join"]);
   });
 
+  it("an edit goes out only live, for a joined room; offline nothing is queued", () => {
+    const c = make();
+    c.start();
+    last().open();
+    expect(c.edit("team", "q1", "new text", true)).toBe(false); // not joined
+    c.join("team");
+    expect(c.edit("team", "q1", "new text", true)).toBe(true);
+    expect(last().sent.filter((e) => e.type === "edit")).toEqual([{ type: "edit", room: "team", message_id: "q1", text: "new text", ai: true }]);
+    last().serverClose(1006);
+    expect(c.edit("team", "q1", "newer", false)).toBe(false);
+    clock.advance(60_000);
+    last().open();
+    expect(last().types()).toEqual(["join"]);
+  });
+
   it("a rating goes out only live, for a joined room, its comment only when there is one", () => {
     const c = make();
     c.start();

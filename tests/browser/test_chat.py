@@ -1,7 +1,7 @@
 """A private conversation in the browser against the real model: the answer streams in with its
-sources (then is copied, exported, regenerated and rated), Stop cancels it in the backend, a dropped
-connection resumes the answer without a gap or a repeat, and an uploaded document is found by
-the next question.
+sources (then is copied, exported, regenerated and rated, and its question edited), Stop cancels
+it in the backend, a dropped connection resumes the answer without a gap or a repeat, and an
+uploaded document is found by the next question.
 
 The embedded SmolLM2-135M answers poorly and rarely cites, so nothing here checks what an answer
 says: only that text streams, ends, and matches what the server stored.
@@ -177,6 +177,37 @@ def test_answer_streams_in_with_its_sources(ui: UI, chat_server: ChatServer) -> 
     expect(up).to_have_attribute("aria-pressed", "false")
     assert stored_answer(chat_server, chat)["feedback"] == {}
     assert chat_server.metric("rag_answer_feedback_total", rating="down") >= 1
+
+    # Edit the question: Enter saves, the new text shows as edited and is answered again in
+    # the old answer's place; the server keeps the new text and the new answer alone
+    question = chat.page.locator(USER_MESSAGES).first
+    question.get_by_test_id("edit").click()
+    box = question.get_by_test_id("edit-text")
+    expect(box).to_be_focused()
+    box.fill("How do I ingest PDF files into rag_chat?")
+    box.press("Enter")
+    expect(question.locator(".text")).to_have_text("How do I ingest PDF files into rag_chat?")
+    expect(question.locator(".edited")).to_have_text("(edited)")
+    expect(chat.ai(0)).not_to_have_attribute("data-message-id", new_id)
+    chat.wait_answer_done(0)
+    edited_id = chat.ai(0).get_attribute("data-message-id")
+    assert edited_id and edited_id != new_id
+    (sent_edit,) = chat.sent("edit")
+    assert sent_edit["text"] == "How do I ingest PDF files into rag_chat?"
+    expect(chat.page.locator(AI_MESSAGES)).to_have_count(1)
+    messages = chat_server.messages(chat.conversation_id())
+    assert [(m["role"], m["id"]) for m in messages] == [
+        ("user", sent_edit["message_id"]),
+        ("assistant", edited_id),
+    ]
+    assert messages[0]["content"] == "How do I ingest PDF files into rag_chat?"
+    assert messages[0]["edited_at"] > 0
+    assert messages[1]["content"] == chat.streamed_text(edited_id)
+    # Escape leaves the editor without sending anything
+    question.get_by_test_id("edit").click()
+    question.get_by_test_id("edit-text").press("Escape")
+    expect(question.get_by_test_id("edit-text")).to_have_count(0)
+    assert len(chat.sent("edit")) == 1
 
 
 def test_stop_cancels_the_reply_in_the_backend(ui: UI, chat_server: ChatServer) -> None:

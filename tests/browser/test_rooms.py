@@ -1,5 +1,5 @@
-"""Two people in one shared room, each in their own browser context: members, typing, messages
-and an @ai question whose answer both of them watch stream in."""
+"""Two people in one shared room, each in their own browser context: members, typing, messages,
+an @ai question whose answer both of them watch stream in, and an edited message."""
 
 from __future__ import annotations
 
@@ -70,3 +70,22 @@ def test_two_people_in_a_room(ui: UI) -> None:
     message_id = ids.pop()
     assert message_id
     assert alice.streamed_text(message_id) == bob.streamed_text(message_id) != ""
+
+    # bob edits his latest message (it asks nothing: no answer): alice sees the new text,
+    # marked edited; only its author is offered the edit
+    bob.ask("see you tomorow")
+    mine, theirs = (chat.page.locator(USER_MESSAGES).last for chat in (bob, alice))
+    for message in (mine, theirs):
+        expect(message.locator(".text")).to_have_text("see you tomorow")
+    expect(theirs.get_by_test_id("edit")).to_have_count(0)
+    mine.get_by_test_id("edit").click()
+    mine.get_by_test_id("edit-text").fill("see you tomorrow")
+    expect(mine.get_by_test_id("edit-save")).to_have_text("Save")
+    mine.get_by_test_id("edit-save").click()
+    for chat in (alice, bob):
+        edited = chat.page.locator(USER_MESSAGES).last
+        expect(edited.locator(".text")).to_have_text("see you tomorrow")
+        expect(edited.locator(".edited")).to_have_text("(edited)")
+        expect(chat.page.locator(AI_MESSAGES)).to_have_count(1)
+    (sent,) = bob.sent("edit")
+    assert (sent["text"], sent["ai"]) == ("see you tomorrow", False)

@@ -167,6 +167,11 @@ export function useChat({ enabled, name, onAuthRequired }: ChatOptions) {
     [conn],
   );
 
+  const edit = useCallback(
+    (roomId: string, messageId: string, text: string, ai: boolean) => conn.edit(roomId, messageId, text, ai),
+    [conn],
+  );
+
   const rate = useCallback(
     (roomId: string, messageId: string, rating: Rating | null, comment?: string) => {
       conn.rate(roomId, messageId, rating, comment);
@@ -185,8 +190,8 @@ export function useChat({ enabled, name, onAuthRequired }: ChatOptions) {
   const dismissBanner = useCallback(() => dispatch({ type: "banner", banner: null }), []);
 
   const actions = useMemo(
-    () => ({ joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, rate, stop, typing, setMe, dismissBanner }),
-    [joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, rate, stop, typing, setMe, dismissBanner],
+    () => ({ joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, edit, rate, stop, typing, setMe, dismissBanner }),
+    [joinRoom, leaveRoom, newConversation, openConversation, closeConversation, renamed, select, send, retry, regenerate, edit, rate, stop, typing, setMe, dismissBanner],
   );
 
   return { state, status, detail, actions, isTracking: (id: string) => conn.isTracking(id) };

@@ -275,6 +275,14 @@ export class ChatConnection {
     return true;
   }
 
+  /** Change the text of my latest message (answered again when it asks the AI); only live
+   * (false while offline: nothing queued, the message stays as it is). */
+  edit(room: string, messageId: string, text: string, ai: boolean): boolean {
+    if (!this.socketOpen || !this.rooms.has(room)) return false;
+    this.send({ type: "edit", room, message_id: messageId, text, ai });
+    return true;
+  }
+
   /** Rate an answer; only live (false while offline: nothing queued). */
   rate(room: string, messageId: string, rating: Rating | null, comment?: string): boolean {
     if (!this.socketOpen || !this.rooms.has(room)) return false;

@@ -35,6 +35,8 @@ export interface ChatMessage {
   failed?: string;
   /** A user message that asks the AI. */
   askedAi?: boolean;
+  /** A user message its author edited: when (unix seconds). */
+  editedAt?: number;
   // --- AI replies ---
   streaming?: boolean;
   replyTo?: string | null;
@@ -283,9 +285,10 @@ function onServer(state: ChatState, ev: ServerEvent, now: number): ChatState {
     case "error": {
       if (ev.room && state.rooms[ev.room]) {
         const room = state.rooms[ev.room]!;
-        if (ev.event === "regenerate") {
-          // refused: the answer it names stays as it was
-          return withRoom(state, addNotice(room, now / 1000, `Could not answer again: ${ev.message}`, "error", `err:regenerate:${now}`));
+        if (ev.event === "regenerate" || ev.event === "edit") {
+          // refused: the answer (or message) it names stays as it was
+          const what = ev.event === "edit" ? "Could not edit" : "Could not answer again";
+          return withRoom(state, addNotice(room, now / 1000, `${what}: ${ev.message}`, "error", `err:${ev.event}:${now}`));
         }
         if (ev.message_id) {
           return updateAi(state, room, ev.message_id, ev.ts, (m) => ({
@@ -352,6 +355,13 @@ function onServer(state: ChatState, ev: ServerEvent, now: number): ChatState {
       } else nextItems = [...items, msg];
       const title = room.title ?? (room.kind === "conversation" ? titleFrom(ev.text) : null);
       return bump(state, { ...room, typing, items: nextItems, title });
+    }
+    case "message.edited": {
+      const at = room.items.findIndex((it) => it.kind === "message" && it.id === ev.id);
+      if (at < 0) return withRoom(state, room);
+      const items = [...room.items];
+      items[at] = { ...(items[at] as ChatMessage), text: ev.text, editedAt: ev.ts, askedAi: ev.ai || undefined };
+      return withRoom(state, { ...room, items });
     }
     case "ai.start": {
       if (findMessage(room, ev.message_id)) return withRoom(state, room);
@@ -474,20 +484,29 @@ export function fromHistory(h: HistoryMessage, me: string | null, kind: RoomKind
     if (h.no_match === true) msg.noMatch = true;
   } else {
     msg.mine = kind === "conversation" || (h.user != null && h.user === me);
+    if (typeof h.edited_at === "number") msg.editedAt = h.edited_at;
   }
   return msg;
 }
 
 /**
  * Merge `history` into what a room already shows: by id, what is already there wins (a reply
- * still streaming keeps its text, the replay completes it); then by time, stable.
+ * still streaming keeps its text, the replay completes it) except a message's edited text;
+ * then by time, stable.
  */
 export function mergeHistory(room: RoomState, history: HistoryMessage[], me: string | null): TimelineItem[] {
   if (!history.length) return room.items;
-  const have = new Set(room.items.map((it) => it.id));
+  const edits = new Map(history.filter((h) => h && h.role === "user" && typeof h.edited_at === "number").map((h) => [h.id, h]));
+  const items = edits.size
+    ? room.items.map((it) => {
+        const h = it.kind === "message" ? edits.get(it.id) : undefined;
+        return h && it.kind === "message" && it.editedAt !== h.edited_at ? { ...it, text: h.content ?? it.text, editedAt: h.edited_at ?? undefined } : it;
+      })
+    : room.items;
+  const have = new Set(items.map((it) => it.id));
   const added = history.filter((h) => h && typeof h.id === "string" && !have.has(h.id)).map((h) => fromHistory(h, me, room.kind));
-  if (!added.length) return room.items;
-  const all = [...added, ...room.items];
+  if (!added.length) return items;
+  const all = [...added, ...items];
   return all
     .map((it, i) => ({ it, i }))
     .sort((a, b) => a.it.ts - b.it.ts || a.i - b.i)
@@ -542,4 +561,25 @@ export function regenerable(room: RoomState | undefined): string | null {
   }
   if (!question) return null;
   return room.kind === "conversation" || question.mine ? last.id : null;
+}
+
+/**
+ * The message in a room I may edit (`edit`), or null: my latest message (in a private
+ * conversation every question is mine), sent, followed only by its own answer (finished) and
+ * by others' messages no answer replies to, nothing streaming, not an answer. The server
+ * checks the same.
+ */
+export function editable(room: RoomState | undefined): string | null {
+  if (!room || !room.joined) return null;
+  const messages = room.items.filter((it): it is ChatMessage => it.kind === "message");
+  if (messages.some((m) => m.streaming || m.pending || m.failed)) return null;
+  for (let i = messages.length - 1; i >= 0; i--) {
+    const m = messages[i]!;
+    if (m.role === "user" && (room.kind === "conversation" || m.mine)) {
+      const later = messages.slice(i + 1);
+      const ok = later.every((x) => (x.role === "ai" ? !x.replyTo || x.replyTo === m.id : !(room.kind === "conversation" || x.mine)));
+      return ok && later.filter((x) => x.role === "ai").length <= 1 ? m.id : null;
+    }
+  }
+  return null;
 }

@@ -1,7 +1,7 @@
-import { memo, useCallback } from "react";
+import { memo, useCallback, useState, type KeyboardEvent } from "react";
 import { citationsInMarkdown } from "../state/citations";
 import type { ChatMessage } from "../state/chat";
-import type { Rating, SourceChunk } from "../protocol";
+import { MAX_MESSAGE_CHARS, type Rating, type SourceChunk } from "../protocol";
 import { CopyButton } from "./CopyButton";
 import { Markdown } from "./Markdown";
 import { fileName, sourcePlace, sourceTitle, timeOf } from "./format";
@@ -25,6 +25,9 @@ interface Props {
   onRetry: (m: ChatMessage) => void;
   /** Given for the one answer that may be asked for again (the latest, of my question). */
   onRegenerate?: (m: ChatMessage) => void;
+  /** Given for the one message of mine that may be edited (my latest): sends its new text,
+   * false when it could not be sent. */
+  onEdit?: (m: ChatMessage, text: string) => boolean;
   /** Rate a finished answer (given while online). */
   onRate?: (m: ChatMessage, rating: Rating | null) => void;
 }
@@ -35,7 +38,25 @@ function statusText(m: ChatMessage, offline: boolean): string | null {
   return null;
 }
 
-export const MessageView = memo(function MessageView({ msg, privateChat, offline, onOpenSource, onRetry, onRegenerate, onRate }: Props) {
+export const MessageView = memo(function MessageView({ msg, privateChat, offline, onOpenSource, onRetry, onRegenerate, onEdit, onRate }: Props) {
+  // the new text while editing (null: not editing); closed when the message stops being
+  // editable (someone wrote after it, an answer started)
+  const [draft, setDraft] = useState<string | null>(null);
+  const editing = draft !== null && onEdit !== undefined;
+  const save = () => {
+    const text = (draft ?? "").trim();
+    if (!onEdit || !text) return;
+    if (text === msg.text || onEdit(msg, text)) setDraft(null);
+  };
+  const onEditKey = (e: KeyboardEvent<HTMLTextAreaElement>) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.nativeEvent.isComposing) {
+      e.preventDefault();
+      save();
+    } else if (e.key === "Escape") {
+      e.preventDefault();
+      setDraft(null);
+    }
+  };
   const ai = msg.role === "ai";
   const sources = msg.sources ?? [];
   const t = timeOf(msg.ts);
@@ -61,7 +82,7 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
 
   return (
     <article
-      className={`msg ${ai ? "msg-ai" : "msg-user"}${msg.mine ? " mine" : ""}${msg.pending ? " pending" : ""}`}
+      className={`msg ${ai ? "msg-ai" : "msg-user"}${msg.mine ? " mine" : ""}${msg.pending ? " pending" : ""}${editing ? " editing" : ""}`}
       data-testid="message"
       data-role={ai ? "ai" : "user"}
       data-message-id={msg.id}
@@ -79,6 +100,11 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
           <time dateTime={t.iso} title={t.full}>
             {t.short}
           </time>
+        )}
+        {msg.editedAt !== undefined && (
+          <span className="edited" title={timeOf(msg.editedAt) ? `Edited ${timeOf(msg.editedAt)!.full}` : "Edited"}>
+            (edited)
+          </span>
         )}
         {st && <span className={msg.failed ? "msg-status error" : "msg-status"}>{st}</span>}
         {msg.failed && (
@@ -105,6 +131,11 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
             ))}
           </span>
         )}
+        {onEdit && !editing && (
+          <button type="button" className="link edit" data-testid="edit" title={msg.askedAi || privateChat ? "Change this question: it is answered again" : "Change this message"} onClick={() => setDraft(msg.text)}>
+            Edit
+          </button>
+        )}
         {onRegenerate && (
           <button type="button" className="link regenerate" data-testid="regenerate" title="Answer the same question once more (this answer is replaced)" onClick={() => onRegenerate(msg)}>
             Regenerate
@@ -119,6 +150,33 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
             <p className="thinking">{sources.length ? "Writing the answer…" : "Searching your documents…"}</p>
           ) : null}
         </div>
+      ) : editing ? (
+        <form
+          className="edit-form"
+          onSubmit={(e) => {
+            e.preventDefault();
+            save();
+          }}
+        >
+          <textarea
+            data-testid="edit-text"
+            aria-label="Edit your message"
+            value={draft ?? ""}
+            maxLength={MAX_MESSAGE_CHARS}
+            rows={Math.min(8, Math.max(2, (draft ?? "").split("\n").length))}
+            autoFocus
+            onChange={(e) => setDraft(e.target.value)}
+            onKeyDown={onEditKey}
+          />
+          <div className="edit-actions">
+            <button type="submit" className="primary" data-testid="edit-save" disabled={!(draft ?? "").trim()}>
+              {msg.askedAi || privateChat ? "Save and ask again" : "Save"}
+            </button>
+            <button type="button" className="link" onClick={() => setDraft(null)}>
+              Cancel
+            </button>
+          </div>
+        </form>
       ) : (
         <div className="text">{msg.text}</div>
       )}

@@ -1,6 +1,6 @@
 import { useCallback, useEffect, useLayoutEffect, useRef, useState } from "react";
 import { isNearBottom } from "../state/scroll";
-import { regenerable, type ChatMessage, type RoomState } from "../state/chat";
+import { editable, regenerable, type ChatMessage, type RoomState } from "../state/chat";
 import type { Rating } from "../protocol";
 import { MessageView, type OpenSource } from "./MessageView";
 import { timeOf } from "./format";
@@ -11,6 +11,8 @@ interface Props {
   onOpenSource: (s: OpenSource) => void;
   onRetry: (m: ChatMessage) => void;
   onRegenerate: (m: ChatMessage) => void;
+  /** Send my latest message's new text; false when it could not be sent (offline). */
+  onEdit: (m: ChatMessage, text: string) => boolean;
   onRate: (m: ChatMessage, rating: Rating | null) => void;
   empty: React.ReactNode;
 }
@@ -19,8 +21,9 @@ interface Props {
  * The messages of a room. Follows the stream while the reader is at the bottom; once they
  * scroll up it stays put and offers "Jump to latest".
  */
-export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, onRate, empty }: Props) {
+export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, onEdit, onRate, empty }: Props) {
   const again = offline ? null : regenerable(room);
+  const editId = offline ? null : editable(room);
   const box = useRef<HTMLDivElement>(null);
   const [stick, setStick] = useState(true);
   const stickRef = useRef(true);
@@ -89,7 +92,7 @@ export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, o
                 {timeOf(item.ts) && <time dateTime={timeOf(item.ts)!.iso}> · {timeOf(item.ts)!.short}</time>}
               </p>
             ) : (
-              <MessageView key={item.clientId ? `c:${item.clientId}` : item.id} msg={item} privateChat={room.kind === "conversation"} offline={offline} onOpenSource={onOpenSource} onRetry={onRetry} onRegenerate={item.id === again ? onRegenerate : undefined} onRate={offline ? undefined : onRate} />
+              <MessageView key={item.clientId ? `c:${item.clientId}` : item.id} msg={item} privateChat={room.kind === "conversation"} offline={offline} onOpenSource={onOpenSource} onRetry={onRetry} onRegenerate={item.id === again ? onRegenerate : undefined} onEdit={item.id === editId ? onEdit : undefined} onRate={offline ? undefined : onRate} />
             ),
           )}
         </div>
