@@ -54,10 +54,10 @@ describe("conversationMarkdown", () => {
     );
   });
 
-  it("names people in rooms and says how an answer ended when it did not finish", () => {
+  it("names people in rooms, marks an edited message and says how an answer ended when it did not finish", () => {
     const md = conversationMarkdown(
       room("room", [
-        msg({ user: "bob", text: "@ai what is it?" }),
+        msg({ user: "bob", text: "@ai what is it?", editedAt: TS + 60 }),
         msg({ role: "ai", text: "It is", finishReason: "error", error: { code: "llm_error", message: "the model stopped", partial: true } }),
         msg({ role: "ai", text: "Half", finishReason: "cancelled" }),
         msg({ role: "ai", text: "Nothing found.", noMatch: true }),
@@ -66,7 +66,7 @@ describe("conversationMarkdown", () => {
       NOW,
     );
     expect(md.startsWith("# #team\n")).toBe(true);
-    expect(md).toContain("**bob** · 2026-11-28 06:00 UTC\n\n@ai what is it?");
+    expect(md).toContain("**bob** · 2026-11-28 06:00 UTC · edited\n\n@ai what is it?");
     expect(md).toContain("It is\n\n_The answer broke off: the model stopped_");
     expect(md).toContain("Half\n\n_Stopped._");
     expect(md).toContain("Nothing found.\n\n_Nothing in the documents matched this question._");

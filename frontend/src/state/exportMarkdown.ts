@@ -17,7 +17,8 @@ export function roomTitle(room: RoomState): string {
   return room.kind === "room" ? `#${room.id}` : room.title || "Conversation";
 }
 
-/** What was said, in order: each message with its author and time, each answer with the
+/** What was said, in order: each message with its author and time (and whether it was
+ * edited), each answer with the
  * sources it was given (file, place) and what became of it if it did not finish. Messages
  * not sent (queued, failed) and join/leave notices are left out. */
 export function conversationMarkdown(room: RoomState, now: Date = new Date()): string {
@@ -26,7 +27,8 @@ export function conversationMarkdown(room: RoomState, now: Date = new Date()): s
   for (const item of room.items) {
     if (item.kind !== "message" || item.pending || item.failed) continue;
     const when = stamp(item.ts);
-    out.push("", "---", "", `**${author(item, privateChat)}**${when ? ` · ${when}` : ""}`, "");
+    const edited = item.editedAt !== undefined ? " · edited" : "";
+    out.push("", "---", "", `**${author(item, privateChat)}**${when ? ` · ${when}` : ""}${edited}`, "");
     out.push(item.text.trim() || "_(no text)_");
     if (item.role !== "ai") continue;
     if (item.noMatch) out.push("", "_Nothing in the documents matched this question._");
