@@ -4,7 +4,7 @@ import { useChat } from "./hooks/useChat";
 import { useTheme } from "./hooks/useTheme";
 import { useDocuments } from "./hooks/useDocuments";
 import { useUploads } from "./hooks/useUploads";
-import { streamingReplies, typingLine, typingUsers, type ChatMessage } from "./state/chat";
+import { editable, streamingReplies, typingLine, typingUsers, type ChatMessage } from "./state/chat";
 import { conversationMarkdown, exportFileName, hasMessages } from "./state/exportMarkdown";
 import { createStore } from "./state/storage";
 import { Composer } from "./ui/Composer";
@@ -237,6 +237,14 @@ export function App() {
   const onRetry = useCallback((m: ChatMessage) => state.active && actions.retry(state.active, m), [state.active, actions]);
   const onRegenerate = useCallback((m: ChatMessage) => state.active && actions.regenerate(state.active, m.id), [state.active, actions]);
   const onEdit = useCallback((m: ChatMessage, text: string) => Boolean(state.active) && actions.edit(state.active!, m.id, text, Boolean(m.askedAi)), [state.active, actions]);
+  // Up in the empty composer opens my latest message's editor (counted: each press asks anew)
+  const [editRequest, setEditRequest] = useState(0);
+  const onEditLast = useCallback(() => {
+    const room = state.active ? state.rooms[state.active] : undefined;
+    if (status !== "connected" || !editable(room)) return false;
+    setEditRequest((n) => n + 1);
+    return true;
+  }, [state.active, state.rooms, status]);
   const onRate = useCallback(
     (m: ChatMessage, rating: Rating | null) => {
       if (!state.active) return;
@@ -370,6 +378,7 @@ export function App() {
               onRetry={onRetry}
               onRegenerate={onRegenerate}
               onEdit={onEdit}
+              editRequest={editRequest}
               onRate={onRate}
               empty={
                 room.kind === "room" ? (
@@ -385,7 +394,7 @@ export function App() {
             <p className="typing" data-testid="typing" aria-live="polite">
               {typingLine(typers)}
             </p>
-            <Composer roomId={room.id} kind={room.kind} streaming={streaming} offline={offline} onSend={actions.send} onStop={actions.stop} onTyping={actions.typing} />
+            <Composer roomId={room.id} kind={room.kind} streaming={streaming} offline={offline} onSend={actions.send} onStop={actions.stop} onTyping={actions.typing} onEditLast={onEditLast} />
           </>
         ) : (
           <div className="empty">

@@ -540,6 +540,10 @@ class Rooms:
         if received is None:
             received = time.perf_counter()
         check_room(room)
+        if not text.strip():
+            raise BadRequest("text must not be empty")
+        if not is_unicode(text):
+            raise BadRequest("text is not valid Unicode text (a lone surrogate)")
         if not self.is_member(member, room):
             raise NotJoined(f"join room {room!r} first")
         history = await self.memory.history(room, REGENERATE_LOOKBACK)

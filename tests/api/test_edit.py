@@ -155,6 +155,9 @@ def test_in_a_room_only_the_author_edits_and_only_a_question_is_answered(make_ap
         assert "text" in until(alice, "error")["message"]
         alice.send_json(edit("edit-room", asked["id"], "x" * 8001))
         assert "text" in until(alice, "error")["message"]
+        alice.send_json(edit("edit-room", asked["id"], " \n "))
+        error = until(alice, "error", event="edit")
+        assert (error["code"], error["message"]) == ("bad_request", "text must not be empty")
         alice.send_json({"type": "ping"})
         until(alice, "pong")
 
@@ -233,6 +236,15 @@ def test_over_http_the_edit_and_its_answer_stream(make_app: Any) -> None:
         assert older.status_code == 409 and older.json()["error"]["code"] == "conflict"
         assert client.patch(url, json={}).status_code == 422
         assert client.patch(url, json={"message": ""}).status_code == 422
+        blank = client.patch(url, json={"message": "  "})
+        assert blank.status_code == 400 and blank.json()["error"]["code"] == "bad_request"
+        surrogate = client.patch(
+            url,
+            content=b'{"message": "hi \\ud800"}',
+            headers={"content-type": "application/json"},
+        )
+        assert surrogate.status_code == 422, surrogate.text
+        assert "unicode" in surrogate.json()["error"]["message"]
         missing = client.patch("/api/conversations/nobody-here/messages/x", json={"message": "x"})
         assert missing.status_code == 404
         assert client.get(f"/api/conversations/{conv}/messages").json()["messages"] == stored

@@ -633,6 +633,12 @@ def test_lone_surrogates(http: TestClient) -> None:
         "chat-message": ("POST", "/api/chat", raw({"message": s})),
         "chat-client-id": ("POST", "/api/chat", raw({**CHAT, "client_id": s})),
         "search-query": ("POST", "/api/search", raw({"query": s})),
+        "edit-message": ("PATCH", "/api/conversations/c1/messages/m1", raw({"message": s})),
+        "feedback-comment": (
+            "PUT",
+            "/api/conversations/c1/messages/m1/feedback",
+            raw({"rating": "down", "comment": s}),
+        ),
         "openai-content": ("POST", "/v1/chat/completions", raw(_completion(s))),
         "openai-model": ("POST", "/v1/chat/completions", raw({**COMPLETION, "model": s})),
         "openai-model-stream": (

@@ -203,10 +203,16 @@ def test_answer_streams_in_with_its_sources(ui: UI, chat_server: ChatServer) -> 
     assert messages[0]["content"] == "How do I ingest PDF files into rag_chat?"
     assert messages[0]["edited_at"] > 0
     assert messages[1]["content"] == chat.streamed_text(edited_id)
-    # Escape leaves the editor without sending anything
-    question.get_by_test_id("edit").click()
+    # Up in the empty composer opens the editor; Escape leaves it without sending anything,
+    # back in the composer
+    chat.by_id("composer").press("ArrowUp")
+    expect(question.get_by_test_id("edit-text")).to_be_focused()
+    expect(question.get_by_test_id("edit-text")).to_have_value(
+        "How do I ingest PDF files into rag_chat?"
+    )
     question.get_by_test_id("edit-text").press("Escape")
     expect(question.get_by_test_id("edit-text")).to_have_count(0)
+    expect(chat.by_id("composer")).to_be_focused()
     assert len(chat.sent("edit")) == 1
 
 

@@ -11,10 +11,13 @@ interface Props {
   onSend: (text: string, askAi: boolean) => void;
   onStop: () => void;
   onTyping: (room: string, state: "start" | "stop") => void;
+  /** Up in the empty composer: edit my latest message; false when there is none to edit. */
+  onEditLast?: () => boolean;
 }
 
-/** Enter sends, Shift+Enter is a newline; typing start/stop throttled for rooms. */
-export function Composer({ roomId, kind, streaming, offline, onSend, onStop, onTyping }: Props) {
+/** Enter sends, Shift+Enter is a newline, Up in an empty composer edits my latest message;
+ * typing start/stop throttled for rooms. */
+export function Composer({ roomId, kind, streaming, offline, onSend, onStop, onTyping, onEditLast }: Props) {
   const [text, setText] = useState("");
   const [askAi, setAskAi] = useState(false);
   const area = useRef<HTMLTextAreaElement>(null);
@@ -55,6 +58,8 @@ export function Composer({ roomId, kind, streaming, offline, onSend, onStop, onT
       submit();
     } else if (e.key === "Escape" && streaming) {
       onStop();
+    } else if (e.key === "ArrowUp" && !text && !e.shiftKey && !e.altKey && !e.ctrlKey && !e.metaKey && onEditLast?.()) {
+      e.preventDefault();
     }
   };
 
@@ -115,7 +120,7 @@ export function Composer({ roomId, kind, streaming, offline, onSend, onStop, onT
         </button>
       </div>
       <p id="composer-help" className="sr-only">
-        Enter sends, Shift+Enter starts a new line{streaming ? ", Escape stops the answer" : ""}.
+        Enter sends, Shift+Enter starts a new line, Up edits your last message{streaming ? ", Escape stops the answer" : ""}.
       </p>
     </form>
   );

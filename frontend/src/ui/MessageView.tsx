@@ -1,4 +1,4 @@
-import { memo, useCallback, useState, type KeyboardEvent } from "react";
+import { memo, useCallback, useEffect, useRef, useState, type KeyboardEvent } from "react";
 import { citationsInMarkdown } from "../state/citations";
 import type { ChatMessage } from "../state/chat";
 import { MAX_MESSAGE_CHARS, type Rating, type SourceChunk } from "../protocol";
@@ -28,6 +28,8 @@ interface Props {
   /** Given for the one message of mine that may be edited (my latest): sends its new text,
    * false when it could not be sent. */
   onEdit?: (m: ChatMessage, text: string) => boolean;
+  /** Changes when the editor of the editable message should open (given to every message). */
+  editRequest?: number;
   /** Rate a finished answer (given while online). */
   onRate?: (m: ChatMessage, rating: Rating | null) => void;
 }
@@ -38,15 +40,25 @@ function statusText(m: ChatMessage, offline: boolean): string | null {
   return null;
 }
 
-export const MessageView = memo(function MessageView({ msg, privateChat, offline, onOpenSource, onRetry, onRegenerate, onEdit, onRate }: Props) {
+export const MessageView = memo(function MessageView({ msg, privateChat, offline, onOpenSource, onRetry, onRegenerate, onEdit, editRequest = 0, onRate }: Props) {
   // the new text while editing (null: not editing); closed when the message stops being
   // editable (someone wrote after it, an answer started)
   const [draft, setDraft] = useState<string | null>(null);
   const editing = draft !== null && onEdit !== undefined;
+  const requested = useRef(editRequest);
+  useEffect(() => {
+    if (editRequest === requested.current) return;
+    requested.current = editRequest;
+    if (onEdit) setDraft(msg.text);
+  }, [editRequest, onEdit, msg.text]);
+  const close = () => {
+    setDraft(null);
+    document.getElementById("composer")?.focus({ preventScroll: true });
+  };
   const save = () => {
     const text = (draft ?? "").trim();
     if (!onEdit || !text) return;
-    if (text === msg.text || onEdit(msg, text)) setDraft(null);
+    if (text === msg.text || onEdit(msg, text)) close();
   };
   const onEditKey = (e: KeyboardEvent<HTMLTextAreaElement>) => {
     if (e.key === "Enter" && !e.shiftKey && !e.nativeEvent.isComposing) {
@@ -54,7 +66,7 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
       save();
     } else if (e.key === "Escape") {
       e.preventDefault();
-      setDraft(null);
+      close();
     }
   };
   const ai = msg.role === "ai";
@@ -172,7 +184,7 @@ export const MessageView = memo(function MessageView({ msg, privateChat, offline
             <button type="submit" className="primary" data-testid="edit-save" disabled={!(draft ?? "").trim()}>
               {msg.askedAi || privateChat ? "Save and ask again" : "Save"}
             </button>
-            <button type="button" className="link" onClick={() => setDraft(null)}>
+            <button type="button" className="link" onClick={close}>
               Cancel
             </button>
           </div>

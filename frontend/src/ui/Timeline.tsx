@@ -13,6 +13,8 @@ interface Props {
   onRegenerate: (m: ChatMessage) => void;
   /** Send my latest message's new text; false when it could not be sent (offline). */
   onEdit: (m: ChatMessage, text: string) => boolean;
+  /** Changes when the editable message's editor should open (Up in the empty composer). */
+  editRequest: number;
   onRate: (m: ChatMessage, rating: Rating | null) => void;
   empty: React.ReactNode;
 }
@@ -21,7 +23,7 @@ interface Props {
  * The messages of a room. Follows the stream while the reader is at the bottom; once they
  * scroll up it stays put and offers "Jump to latest".
  */
-export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, onEdit, onRate, empty }: Props) {
+export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, onEdit, editRequest, onRate, empty }: Props) {
   const again = offline ? null : regenerable(room);
   const editId = offline ? null : editable(room);
   const box = useRef<HTMLDivElement>(null);
@@ -92,7 +94,7 @@ export function Timeline({ room, offline, onOpenSource, onRetry, onRegenerate, o
                 {timeOf(item.ts) && <time dateTime={timeOf(item.ts)!.iso}> · {timeOf(item.ts)!.short}</time>}
               </p>
             ) : (
-              <MessageView key={item.clientId ? `c:${item.clientId}` : item.id} msg={item} privateChat={room.kind === "conversation"} offline={offline} onOpenSource={onOpenSource} onRetry={onRetry} onRegenerate={item.id === again ? onRegenerate : undefined} onEdit={item.id === editId ? onEdit : undefined} onRate={offline ? undefined : onRate} />
+              <MessageView key={item.clientId ? `c:${item.clientId}` : item.id} msg={item} privateChat={room.kind === "conversation"} offline={offline} onOpenSource={onOpenSource} onRetry={onRetry} onRegenerate={item.id === again ? onRegenerate : undefined} onEdit={item.id === editId ? onEdit : undefined} editRequest={editRequest} onRate={offline ? undefined : onRate} />
             ),
           )}
         </div>
