@@ -1,4 +1,6 @@
-"""Server-Sent Events for custom clients: ``POST /api/chat`` streams a reply's room events.
+"""Server-Sent Events for custom clients: ``POST /api/chat`` streams a reply's room events;
+``POST /api/conversations/{id}/regenerate`` and ``PATCH …/messages/{message_id}`` (an edited
+question) stream the new answer the same way.
 
 Each event goes out as ``event: <type>``, ``id: <seq>`` and ``data: <json>`` (the seq of the
 conversation's event log), with a comment heartbeat (``: ping``) every 15 s. The stream ends
