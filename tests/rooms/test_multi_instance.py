@@ -1,7 +1,7 @@
 """Rooms across real server processes: two ``python -m rag_chat`` instances (A and B) share one
 Redis and one data dir; the AI is the synthetic token server, so every answer is known in
-advance. Members on different instances see one room: presence, typing, messages, AI streams
-and cancels, in one order; a dropped connection or a killed instance is cleaned up."""
+advance. Members on different instances see one room: presence, typing, messages, AI streams,
+cancels and edits, in one order; a dropped connection or a killed instance is cleaned up."""
 
 from __future__ import annotations
 
@@ -222,6 +222,57 @@ def test_a_member_on_one_instance_cancels_a_reply_running_on_the_other(cluster: 
         assert len(streamed) <= record["sent"]
         time.sleep(0.5)
         assert token.stats()["tokens_sent"] == after["tokens_sent"]
+
+
+def test_an_edit_through_one_instance_answers_again_for_members_on_both(
+    cluster: Cluster,
+) -> None:
+    room = new_room("edit")
+    with (
+        Client(cluster.a, "alice") as alice,
+        Client(cluster.b, "bob") as bob,
+        Client(cluster.a, "bob-on-a") as bob_on_a,
+    ):
+        alice.join(room, "alice")
+        bob.join(room, "bob")
+        bob_on_a.join(room, "bob")  # the same user, another connection, on the other instance
+        # bob asks through B: the answer runs on B
+        bob.send(type="message", room=room, text="How do I ingest PDF fils?", ai=True)
+        asked = alice.until("message", user="bob")
+        first = alice.until("ai.start", reply_to=asked["id"])
+        for client in (alice, bob, bob_on_a):
+            reply_events(client, first["message_id"])
+
+        # alice, on A, may not edit bob's question
+        alice.send(type="edit", room=room, message_id=asked["id"], text="mine now")
+        assert alice.until("error", event="edit")["code"] == "forbidden"
+        # bob edits it through A: everyone gets the new text, then an answer that runs on A
+        # and takes the old one's place
+        marks = {c.name: c.mark() for c in (alice, bob)}
+        bob_on_a.send(type="edit", room=room, message_id=asked["id"], text=QUESTION)
+        for client in (alice, bob):
+            edited = client.until("message.edited", since=marks[client.name])
+            assert (edited["id"], edited["user"], edited["text"], edited["ai"]) == (
+                asked["id"],
+                "bob",
+                QUESTION,
+                True,
+            )
+            second = client.until("ai.start", since=marks[client.name], reply_to=asked["id"])
+            assert second["replaces"] == first["message_id"]
+            events = reply_events(client, second["message_id"])
+            text, finish = expected_answer(cluster.token)
+            assert "".join(e["delta"] for e in events if e["type"] == "ai.token") == text
+            assert events[-1]["finish_reason"] == finish
+        # both instances serve the history: the new text, and the new answer alone
+        for server in (cluster.a, cluster.b):
+            r = httpx.get(f"{server.url}/api/conversations/{room}/messages", timeout=10)
+            stored = r.json()["messages"]
+            assert [(m["role"], m["content"]) for m in stored] == [
+                ("user", QUESTION),
+                ("assistant", text),
+            ]
+            assert stored[0]["edited_at"] > 0 and stored[1]["id"] == second["message_id"]
 
 
 def test_only_members_can_cancel_a_reply(cluster: Cluster) -> None:
