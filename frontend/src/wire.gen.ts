@@ -295,7 +295,7 @@ type: "ping"
  */
 export interface Error {
 client_id?: string
-code: ("bad_request" | "unauthorized" | "forbidden" | "not_found" | "not_joined" | "too_large" | "rate_limited" | "too_many_replies" | "too_many_connections" | "llm_error" | "llm_unavailable" | "llm_timeout" | "memory_unavailable" | "retrieval_error" | "internal_error")
+code: ("bad_request" | "unauthorized" | "forbidden" | "not_found" | "not_joined" | "conflict" | "too_large" | "rate_limited" | "too_many_replies" | "too_many_connections" | "llm_error" | "llm_unavailable" | "llm_timeout" | "memory_unavailable" | "retrieval_error" | "internal_error")
 conversation_id?: string
 /**
  * the type of the event it answers

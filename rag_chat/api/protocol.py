@@ -192,6 +192,7 @@ ErrorCode = Literal[
     "forbidden",
     "not_found",
     "not_joined",
+    "conflict",
     "too_large",
     "rate_limited",
     "too_many_replies",

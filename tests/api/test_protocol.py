@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any
+from typing import Any, get_args
 
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
-from rag_chat.api.protocol import schema_text, server_event
+from rag_chat.api.protocol import ErrorCode, schema_text, server_event
+from rag_chat.errors import RagChatError
 from rag_chat.llm.fake import FakeLLM
 from tests.conftest import ROOT
 
@@ -28,6 +29,21 @@ def test_the_committed_schema_is_current() -> None:
         [sys.executable, "-m", "rag_chat", "schema"], capture_output=True, text=True, check=True
     ).stdout
     assert out == schema_text()
+
+
+# raised only by the upload routes (HTTP): never in a WebSocket error event
+HTTP_ONLY_CODES = {"storage_error", "insufficient_storage", "unsupported_type"}
+
+
+def test_the_schema_lists_every_error_code_the_server_raises() -> None:
+    """A WebSocket error event carries the code of the error raised: each must be in the
+    schema's ErrorCode (``conflict`` was missing from it for a stop)."""
+    codes, todo = set(), [RagChatError]
+    while todo:
+        cls = todo.pop()
+        codes.add(cls.code)
+        todo.extend(cls.__subclasses__())
+    assert codes - HTTP_ONLY_CODES <= set(get_args(ErrorCode)), codes - set(get_args(ErrorCode))
 
 
 def frames(ws: WebSocketTestSession, until: str, seen: list[dict[str, Any]]) -> None:

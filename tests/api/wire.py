@@ -8,11 +8,21 @@ from typing import Any
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
+from rag_chat.api.protocol import server_event
+
+
+def receive(ws: WebSocketTestSession) -> dict[str, Any]:
+    """The next event, checked against the protocol's schema (what the UI's types are
+    generated from): a field or error code the schema does not list fails the test."""
+    event: dict[str, Any] = ws.receive_json()
+    server_event.validate_python(event)
+    return event
+
 
 def until(ws: WebSocketTestSession, kind: str, **match: Any) -> dict[str, Any]:
     """The next event of type ``kind`` whose fields equal ``match`` (others are skipped)."""
     while True:
-        event = ws.receive_json()
+        event = receive(ws)
         if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
             return event
 
@@ -22,7 +32,7 @@ def answer(ws: WebSocketTestSession) -> tuple[dict[str, Any], str, dict[str, Any
     start = until(ws, "ai.start")
     text = ""
     while True:
-        event = ws.receive_json()
+        event = receive(ws)
         if event.get("message_id") != start["message_id"]:
             continue
         if event["type"] == "ai.token":
