@@ -45,6 +45,29 @@ Event = dict[str, Any]
 
 LOG_MAXLEN = 10_000  # events kept per room (approximately: MAXLEN ~)
 LOG_TTL_S = 7 * 24 * 3600  # a room's log expires a week after its last event
+# an answer streaming: (room, its message_id, the message it replies to)
+Lease = tuple[str, str, str]
+
+# the leases of streaming answers: one sorted set, member = [room, message_id, reply_to] as
+# JSON, score = when the lease lapses (Redis' clock: instances' clocks may differ)
+_HOLD = """
+local t = redis.call('TIME')
+local expires = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], expires, ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], math.floor(tonumber(ARGV[1]) * 10 + 60))
+return #ARGV - 1
+"""
+_LAPSED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+end
+return gone
+"""
 LIVE_PING_S = 5.0  # the live connection pings Redis this often …
 LIVE_DEAD_S = 15.0  # … and counts it gone after this long without a byte from it
 MAX_FLUSHES = 4  # appends' pipelines in flight at once; more appends wait for the next one
@@ -99,6 +122,20 @@ class RoomLog(Protocol):
     async def last_seq(self, room: str) -> int: ...
 
     async def claim(self, room: str, client_id: str, ttl_s: float) -> bool: ...
+
+    async def hold_replies(self, replies: Sequence[Lease], ttl_s: float) -> None:
+        """Leases on answers streaming on this instance, ``ttl_s`` from now (by Redis' clock),
+        taken again before they lapse for as long as the answers run."""
+        ...
+
+    async def release_reply(self, lease: Lease) -> None:
+        """An answer ended: its lease goes."""
+        ...
+
+    async def lapsed_replies(self) -> list[Lease]:
+        """Answers whose leases lapsed — their instance died mid-answer —, each handed to one
+        caller only (taken out as they are returned)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -442,6 +479,35 @@ class RedisRoomLog:
         except (RedisError, OSError) as exc:
             raise MemoryUnavailable(f"Redis is not reachable for room events ({exc})") from exc
 
+    def _lease_key(self) -> str:
+        return f"{self.prefix}replies"
+
+    async def hold_replies(self, replies: Sequence[Lease], ttl_s: float) -> None:
+        try:
+            for i in range(0, len(replies), 500):
+                members = [json.dumps(list(r)) for r in replies[i : i + 500]]
+                await self._redis.eval(_HOLD, 1, self._lease_key(), ttl_s, *members)
+        except (RedisError, OSError) as exc:
+            raise MemoryUnavailable(f"Redis is not reachable for answer leases ({exc})") from exc
+
+    async def release_reply(self, lease: Lease) -> None:
+        try:
+            await self._redis.zrem(self._lease_key(), json.dumps(list(lease)))
+        except (RedisError, OSError) as exc:
+            raise MemoryUnavailable(f"Redis is not reachable for answer leases ({exc})") from exc
+
+    async def lapsed_replies(self) -> list[Lease]:
+        try:
+            gone = await self._redis.eval(_LAPSED, 1, self._lease_key())
+        except (RedisError, OSError) as exc:
+            raise MemoryUnavailable(f"Redis is not reachable for answer leases ({exc})") from exc
+        out: list[Lease] = []
+        for raw in gone:
+            with contextlib.suppress(ValueError, TypeError):
+                room, message_id, reply_to = json.loads(raw)
+                out.append((str(room), str(message_id), str(reply_to)))
+        return out
+
     async def aclose(self) -> None:
         await self._batch.aclose()
         await self._redis.aclose()
@@ -571,6 +637,16 @@ class LocalRoomLog:
 
     async def last_seq(self, room: str) -> int:
         return self._seq.get(room, 0)
+
+    # one process: an answer cannot outlive its instance, no lease needed
+    async def hold_replies(self, replies: Sequence[Lease], ttl_s: float) -> None:
+        return None
+
+    async def release_reply(self, lease: Lease) -> None:
+        return None
+
+    async def lapsed_replies(self) -> list[Lease]:
+        return []
 
     async def claim(self, room: str, client_id: str, ttl_s: float) -> bool:
         now = time.monotonic()

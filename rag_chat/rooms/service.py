@@ -20,6 +20,7 @@ replays exactly what it missed, including the rest of an answer still streaming.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -41,7 +42,7 @@ from rag_chat.errors import (
 from rag_chat.limits import Limits
 from rag_chat.memory import Memory, StoredMessage
 from rag_chat.rooms.hub import RoomHub, Subscription
-from rag_chat.rooms.log import Event, RoomLog
+from rag_chat.rooms.log import Event, Lease, RoomLog
 from rag_chat.rooms.presence import PRESENCE_TTL_S, Presence
 from rag_chat.text import is_unicode, one_line
 
@@ -242,6 +243,8 @@ class Rooms:
         # without a pass over every room of the instance (10,000 leaving were quadratic)
         self._rooms_of: dict[str, set[str]] = {}
         self._refresher: asyncio.Task[None] | None = None
+        # message_id -> (room, message_id, reply_to): the leases of the answers running here
+        self._leases: dict[str, Lease] = {}
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # keep a reference: the loop holds tasks weakly
@@ -752,6 +755,12 @@ class Rooms:
             if event.get("type") == "ai.cancel" and event.get("message_id") == reply.message_id:
                 self._spawn(reply.cancel())
 
+        # the answer's lease, taken beside its start (no round trip before the first token)
+        # and renewed by the refresher: if this instance dies mid-answer, another one ends
+        # the answer in the room's log (_end_lapsed) instead of leaving it open forever
+        lease = (room, reply.message_id, reply_to)
+        self._leases[reply.message_id] = lease
+        held = asyncio.ensure_future(self._hold([lease]))
         watcher = await self.hub.subscribe(room, None, watch)
         watchdog = asyncio.create_task(self._watchdog(room, reply))
         writer = ReplyWriter(self.log, room)
@@ -793,6 +802,13 @@ class Rooms:
             watchdog.cancel()
             self.hub.unsubscribe(watcher)
             self.replies.pop(reply.message_id, None)
+            self._leases.pop(reply.message_id, None)
+            with contextlib.suppress(Exception):
+                await held  # released after it was taken, never before
+            try:
+                await self.log.release_reply(lease)
+            except MemoryUnavailable as exc:  # it lapses; _end_lapsed finds the answer ended
+                log.warning("reply %s: its lease was not released: %s", reply.message_id, exc)
             if self.limits is not None and who:
                 await self.limits.reply_finished(who, reply_to)
 
@@ -849,9 +865,53 @@ class Rooms:
 
     # --- presence upkeep ---
 
+    async def _hold(self, leases: list[Lease]) -> None:
+        try:
+            await self.log.hold_replies(leases, self.presence_ttl_s)
+        except MemoryUnavailable as exc:  # taken again at the next refresh
+            log.warning("answer leases not taken: %s", exc)
+
+    async def _end_lapsed(self) -> None:
+        """End, in their rooms' logs, the answers whose instance died while they streamed
+        (their leases lapsed): their members — and whoever resumes — would otherwise wait
+        for their end forever. An answer whose end is in the log already (its lease was not
+        released: Redis was away then) is left alone."""
+        for room, message_id, reply_to in await self.log.lapsed_replies():
+            if message_id in self._leases:  # ours after all (a refresh came late): take it again
+                await self._hold([self._leases[message_id]])
+                continue
+            head = await self.log.last_seq(room)
+            events = await self.log.since(room, max(0, head - REGENERATE_LOG_WINDOW))
+            mine = [e for e in events if e.get("message_id") == message_id]
+            if any(e.get("type") in ("ai.done", "error") for e in mine):
+                continue
+            log.warning("answer %s in %s: its instance stopped mid-answer; ended", message_id, room)
+            await self.log.append(
+                room,
+                {
+                    "type": "error",
+                    "message_id": message_id,
+                    "conversation_id": room,
+                    "code": "internal_error",
+                    "message": "the answer was cut off: the server writing it stopped",
+                    "partial": any(e.get("type") == "ai.token" for e in mine),
+                    "user": "ai",
+                    "reply_to": reply_to,
+                },
+            )
+
     async def _refresh_presence(self) -> None:
         while True:
             await asyncio.sleep(self.presence_ttl_s / 3)
+            # the leases of the answers running here, then the answers of instances that died
+            try:
+                if self._leases:
+                    await self.log.hold_replies(list(self._leases.values()), self.presence_ttl_s)
+                await self._end_lapsed()
+            except MemoryUnavailable as exc:
+                log.warning("answer leases not renewed: %s", exc)
+            except Exception:  # the refresher must outlive any one failure
+                log.exception("renewing answer leases failed")
             for room, conns in list(self._local.items()):
                 sent = dict(conns)
                 try:

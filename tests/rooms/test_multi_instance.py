@@ -313,7 +313,7 @@ def test_a_dropped_connection_stops_typing_and_leaves_at_once(cluster: Cluster) 
         assert left["members"] == [{"user": "alice", "connections": 1}]
 
 
-def test_a_killed_instance_users_leave_after_the_presence_ttl(cluster: Cluster) -> None:
+def test_a_killed_instance_users_leave_and_its_answer_ends_after_the_ttl(cluster: Cluster) -> None:
     room = new_room("kill")
     spare = cluster.spare
     assert spare.alive(), spare.tail()
@@ -327,9 +327,20 @@ def test_a_killed_instance_users_leave_after_the_presence_ttl(cluster: Cluster) 
         dave.join(room, "dave")
         for client in (alice, bob):
             client.until("presence", user="dave", action="join")
+        # dave asks through C: a long answer streams from C when it dies
+        dave.send(type="message", room=room, text="All of it [[tokens=3000 rate=20]]", ai=True)
+        streaming = alice.until("ai.start", timeout=20)["message_id"]
+        alice.until("ai.token", timeout=20, message_id=streaming)
         killed = time.monotonic()
         spare.kill()  # SIGKILL: C never says goodbye
         dave.drop()
+        # its answer does not stay open forever: a live instance ends it in the room's log once
+        # its lease lapses (C renewed it every TTL/3), once, for everyone
+        for client in (alice, bob):
+            end = client.until("error", timeout=15, message_id=streaming)
+            assert (end["code"], end["partial"]) == ("internal_error", True)
+            assert end["message"] == "the answer was cut off: the server writing it stopped"
+            assert end["_t"] - killed <= PRESENCE_TTL_S * 4 / 3 + 2.5
         for client in (alice, bob):
             left = client.until("presence", user="dave", action="leave", timeout=15)
             waited = left["_t"] - killed
@@ -350,6 +361,8 @@ def test_a_killed_instance_users_leave_after_the_presence_ttl(cluster: Cluster) 
                 if e.get("type") == "presence" and e["action"] == "leave" and e["user"] == "dave"
             ]
             assert len(leaves) == 1, (client.name, leaves)
+            ends = [e for e in client.events if e.get("message_id") == streaming]
+            assert [e["type"] for e in ends].count("error") == 1, (client.name, ends[-3:])
 
 
 def test_presence_events_follow_a_user_hopping_between_instances(cluster: Cluster) -> None:
