@@ -50,14 +50,17 @@ Lease = tuple[str, str, str]
 
 # the leases of streaming answers: one sorted set, member = [room, message_id, reply_to] as
 # JSON, score = when the lease lapses (Redis' clock: instances' clocks may differ)
-_HOLD = """
+_LEASE = """
+if ARGV[1] == 'release' then
+  return redis.call('ZREM', KEYS[1], ARGV[2])
+end
 local t = redis.call('TIME')
-local expires = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1])
-for i = 2, #ARGV do
+local expires = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2])
+for i = 3, #ARGV do
   redis.call('ZADD', KEYS[1], expires, ARGV[i])
 end
-redis.call('EXPIRE', KEYS[1], math.floor(tonumber(ARGV[1]) * 10 + 60))
-return #ARGV - 1
+redis.call('EXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) * 10 + 60))
+return #ARGV - 2
 """
 _LAPSED = """
 local t = redis.call('TIME')
@@ -386,6 +389,8 @@ class RedisRoomLog:
         self.prefix = prefix
         self.channel = live_channel(prefix)
         self._batch = _Batcher(url, _APPEND)
+        # each answer takes and releases a lease: on the batched pipe, as appends are
+        self._leases = _Batcher(url, _LEASE)
 
     def _keys(self, room: str) -> tuple[str, str]:
         return f"{self.prefix}room:{room}:log", f"{self.prefix}room:{room}:seq"
@@ -483,18 +488,12 @@ class RedisRoomLog:
         return f"{self.prefix}replies"
 
     async def hold_replies(self, replies: Sequence[Lease], ttl_s: float) -> None:
-        try:
-            for i in range(0, len(replies), 500):
-                members = [json.dumps(list(r)) for r in replies[i : i + 500]]
-                await self._redis.eval(_HOLD, 1, self._lease_key(), ttl_s, *members)
-        except (RedisError, OSError) as exc:
-            raise MemoryUnavailable(f"Redis is not reachable for answer leases ({exc})") from exc
+        for i in range(0, len(replies), 500):
+            members = [json.dumps(list(r)) for r in replies[i : i + 500]]
+            await self._leases.run([self._lease_key()], ["hold", ttl_s, *members])
 
     async def release_reply(self, lease: Lease) -> None:
-        try:
-            await self._redis.zrem(self._lease_key(), json.dumps(list(lease)))
-        except (RedisError, OSError) as exc:
-            raise MemoryUnavailable(f"Redis is not reachable for answer leases ({exc})") from exc
+        await self._leases.run([self._lease_key()], ["release", json.dumps(list(lease))])
 
     async def lapsed_replies(self) -> list[Lease]:
         try:
@@ -510,6 +509,7 @@ class RedisRoomLog:
 
     async def aclose(self) -> None:
         await self._batch.aclose()
+        await self._leases.aclose()
         await self._redis.aclose()
 
 

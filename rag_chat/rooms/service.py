@@ -893,7 +893,7 @@ class Rooms:
                     "message_id": message_id,
                     "conversation_id": room,
                     "code": "internal_error",
-                    "message": "the answer was cut off: the server writing it stopped",
+                    "message": "the server writing the answer stopped",
                     "partial": any(e.get("type") == "ai.token" for e in mine),
                     "user": "ai",
                     "reply_to": reply_to,
