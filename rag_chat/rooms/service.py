@@ -803,14 +803,15 @@ class Rooms:
             self.hub.unsubscribe(watcher)
             self.replies.pop(reply.message_id, None)
             self._leases.pop(reply.message_id, None)
+            # the asker's count first: a question sent right after ai.done must be let in
+            if self.limits is not None and who:
+                await self.limits.reply_finished(who, reply_to)
             with contextlib.suppress(Exception):
                 await held  # released after it was taken, never before
             try:
                 await self.log.release_reply(lease)
             except MemoryUnavailable as exc:  # it lapses; _end_lapsed finds the answer ended
                 log.warning("reply %s: its lease was not released: %s", reply.message_id, exc)
-            if self.limits is not None and who:
-                await self.limits.reply_finished(who, reply_to)
 
     async def _watchdog(self, room: str, reply: Reply) -> None:
         empty_since: float | None = None
