@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from rag_chat.errors import RetrievalError
 from rag_chat.llm.fake import FakeLLM
 from rag_chat.settings import Settings
-from tests.api.wire import answer, sse, until
+from tests.api.wire import answer, fail_next_retrieval, sse, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -176,16 +175,7 @@ def test_an_answer_that_failed_before_it_was_saved_can_be_asked_again(
     llm = FakeLLM()
     llm.enqueue(["Port 8000."])
     with TestClient(make_app(llm)) as client, client.websocket_connect("/ws") as ws:
-        chat = client.app.state.services.chat  # type: ignore[attr-defined]
-        real = chat.retrieve
-        failures = [RetrievalError("retrieval failed: the index is being rebuilt")]
-
-        async def retrieve(query: str, k: int | None = None) -> Any:
-            if failures:
-                raise failures.pop()
-            return await real(query, k)
-
-        monkeypatch.setattr(chat, "retrieve", retrieve)
+        fail_next_retrieval(client, monkeypatch)
         ws.send_json({"type": "message", "conversation_id": "conv-failed", "text": "Which port?"})
         question = until(ws, "message")
         first = until(ws, "ai.start")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
 from rag_chat.api.protocol import server_event
+from rag_chat.errors import RetrievalError
 
 
 def receive(ws: WebSocketTestSession) -> dict[str, Any]:
@@ -52,3 +54,17 @@ def sse(
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
     return events
+
+
+def fail_next_retrieval(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's next retrieval fails (RetrievalError, a real one's message); later ones run."""
+    chat = client.app.state.services.chat  # type: ignore[attr-defined]
+    real = chat.retrieve
+    failures = [RetrievalError("retrieval failed: the index is being rebuilt")]
+
+    async def retrieve(query: str, k: int | None = None) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(query, k)
+
+    monkeypatch.setattr(chat, "retrieve", retrieve)
